@@ -1,0 +1,59 @@
+//! `keel`: one binary for every role of a node. This file only parses the command line and
+//! dispatches; the logic lives in the library crates (keel-runtime, keel-cni, ...).
+
+mod cli;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Keel: node-level container runtime, CNI plugin, eBPF service proxy and standalone cluster.
+#[derive(Parser, Debug)]
+#[command(name = "keel", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// State root for images, pods and containers.
+    #[arg(long, global = true, env = "KEEL_ROOT", default_value = "/var/lib/keel")]
+    root: PathBuf,
+
+    /// Config file (TOML). Flags override it. Missing default file is fine; a missing
+    /// explicitly named file is an error.
+    #[arg(long, global = true, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `keel_runtime=debug`.
+    #[arg(long, global = true, env = "KEEL_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage images: pull, list, inspect, remove, import, prune.
+    #[command(subcommand)]
+    Image(cli::image::ImageCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = (|| {
+        let config = config::Config::load(cli.config.as_deref())?;
+        match cli.command {
+            Command::Image(cmd) => cli::image::run(&cli.root, &config, cmd),
+        }
+    })();
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
