@@ -23,6 +23,7 @@ pub fn add(inv: &Invocation, net: &Network) -> Result<CniResult, Error> {
     let mut pod = netns::netlink_in(pod_ns.as_fd())?;
     let bridge_link = bridge::ensure(&mut host, net)?;
     let allocated = ipam_store::allocate(net, &inv.container_id, &inv.ifname, &requested)?;
+    stall_point("allocated");
     let made = (|| -> Result<_, Error> {
         let links = veth::setup(
             &mut host,
@@ -34,6 +35,7 @@ pub fn add(inv: &Invocation, net: &Network) -> Result<CniResult, Error> {
             &inv.ifname,
             &allocated,
         )?;
+        stall_point("veth");
         if net.ip_masq && !allocated.is_empty() {
             masquerade::ensure(net)?;
         }
@@ -78,4 +80,15 @@ pub fn add(inv: &Invocation, net: &Network) -> Result<CniResult, Error> {
         None => ours,
     };
     Ok(merged.for_version(&net.cni_version))
+}
+
+/// Crash-test hook: when `KEEL_CNI_STALL_AT` names this step, block here so a test can
+/// `kill -9` the plugin at a known point of ADD and prove GC reclaims what it left. Costs one
+/// environment lookup otherwise.
+fn stall_point(step: &str) {
+    if std::env::var_os("KEEL_CNI_STALL_AT").is_some_and(|v| v == step) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
 }

@@ -66,7 +66,7 @@ pub fn ensure(nl: &mut Netlink, net: &Network) -> Result<Link, BridgeError> {
     let link = match nl.link_by_name(&net.bridge)? {
         Some(l) => l,
         None => {
-            nl.create_bridge(&net.bridge, net.mtu)?;
+            nl.create_bridge(&net.bridge, net.mtu, bridge_mac(&net.bridge))?;
             nl.link_by_name(&net.bridge)?.ok_or_else(|| BridgeError::Vanished(net.bridge.clone()))?
         }
     };
@@ -94,6 +94,18 @@ pub fn ensure(nl: &mut Netlink, net: &Network) -> Result<Link, BridgeError> {
         enable_forwarding(gateways.iter().any(|g| g.addr().is_ipv4()), gateways.iter().any(|g| g.addr().is_ipv6()))?;
     }
     Ok(link)
+}
+
+/// A locally administered unicast MAC, unique enough per node: bridges never leave the node.
+pub fn bridge_mac(name: &str) -> [u8; 6] {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain(nanos.to_le_bytes()).chain(std::process::id().to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
 fn set_sysctl(path: &str) -> Result<(), BridgeError> {

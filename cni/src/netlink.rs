@@ -213,10 +213,13 @@ impl Netlink {
             .collect())
     }
 
-    /// Creates a bridge; an existing link of that name is left alone (`Ok(false)`).
-    pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<bool, NetlinkError> {
+    /// Creates a bridge; an existing link of that name is left alone (`Ok(false)`). The MAC is
+    /// set explicitly: a bridge with a kernel-chosen MAC takes on its lowest port's MAC, so the
+    /// gateway's MAC would change under the pods' neighbour caches as pods come and go.
+    pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>, mac: [u8; 6]) -> Result<bool, NetlinkError> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         if let Some(m) = mtu {
             msg.attributes.push(LinkAttribute::Mtu(m));
         }

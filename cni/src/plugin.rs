@@ -30,6 +30,13 @@ pub fn execute(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     }
 }
 
+/// The outcome when stdin itself could not be read.
+pub fn stdin_failure(e: std::io::Error) -> Outcome {
+    let err = Error::Stdin(e);
+    let reply = ErrorReply { cni_version: LATEST_VERSION.to_string(), code: err.code(), msg: err.to_string(), details: String::new() };
+    Outcome { stdout: serde_json::to_string(&reply).unwrap_or_default(), exit_code: 1 }
+}
+
 fn dispatch(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<String, Error> {
     let inv = protocol::parse_env(env)?;
     if inv.command == Command::Version {

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{Context, bail};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::config::{Architecture, Config, ConfigFile, History, Os, Rootfs};
-use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageIndex, OciImageManifest, Platform};
+use oci_client::manifest::{
+    ImageIndexEntry, OciDescriptor, OciImageIndex, OciImageManifest, Platform,
+};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
@@ -47,14 +49,88 @@ pub const ENV: &[&str] = &[
 
 /// Applets linked as `/bin/<name> -> busybox` (all present in Debian's busybox-static).
 pub const APPLETS: &[&str] = &[
-    "[", "ash", "awk", "base64", "basename", "cat", "chmod", "chown", "cp", "cut", "date", "dd",
-    "df", "dirname", "du", "echo", "env", "expr", "false", "find", "free", "grep", "groups",
-    "gunzip", "gzip", "head", "hostname", "httpd", "id", "ip", "kill", "ln", "ls", "md5sum",
-    "mkdir", "mkfifo", "mknod", "mktemp", "mount", "mv", "nc", "nproc", "nslookup", "pidof",
-    "ping", "printf", "ps", "pwd", "readlink", "realpath", "rm", "rmdir", "sed", "seq", "setsid",
-    "sh", "sha256sum", "sleep", "sort", "stat", "sync", "tail", "tar", "tee", "test", "timeout",
-    "top", "touch", "tr", "true", "umount", "uname", "uniq", "unshare", "uptime", "vi", "wc",
-    "wget", "which", "whoami", "xargs", "yes",
+    "[",
+    "ash",
+    "awk",
+    "base64",
+    "basename",
+    "cat",
+    "chmod",
+    "chown",
+    "cp",
+    "cut",
+    "date",
+    "dd",
+    "df",
+    "dirname",
+    "du",
+    "echo",
+    "env",
+    "expr",
+    "false",
+    "find",
+    "free",
+    "grep",
+    "groups",
+    "gunzip",
+    "gzip",
+    "head",
+    "hostname",
+    "httpd",
+    "id",
+    "ip",
+    "kill",
+    "ln",
+    "ls",
+    "md5sum",
+    "mkdir",
+    "mkfifo",
+    "mknod",
+    "mktemp",
+    "mount",
+    "mv",
+    "nc",
+    "nproc",
+    "nslookup",
+    "pidof",
+    "ping",
+    "printf",
+    "ps",
+    "pwd",
+    "readlink",
+    "realpath",
+    "rm",
+    "rmdir",
+    "sed",
+    "seq",
+    "setsid",
+    "sh",
+    "sha256sum",
+    "sleep",
+    "sort",
+    "stat",
+    "sync",
+    "tail",
+    "tar",
+    "tee",
+    "test",
+    "timeout",
+    "top",
+    "touch",
+    "tr",
+    "true",
+    "umount",
+    "uname",
+    "uniq",
+    "unshare",
+    "uptime",
+    "vi",
+    "wc",
+    "wget",
+    "which",
+    "whoami",
+    "xargs",
+    "yes",
 ];
 
 /// What the `Single` image holds (also the first layer of `Multi` and `Big`).
@@ -64,8 +140,21 @@ pub mod single_expect {
     /// Directories: `/bin /dev /proc /sys /etc /home /opt /opt/app /opt/app/old-dir /usr /var
     /// /var/www` are 0755 root; `/root` 0700; `/tmp` 01777; `/home/keel` 0755 owned 1000:1000.
     pub const DIRS: &[&str] = &[
-        "/bin", "/dev", "/proc", "/sys", "/etc", "/home", "/home/keel", "/opt", "/opt/app",
-        "/opt/app/old-dir", "/root", "/tmp", "/usr", "/var", "/var/www",
+        "/bin",
+        "/dev",
+        "/proc",
+        "/sys",
+        "/etc",
+        "/home",
+        "/home/keel",
+        "/opt",
+        "/opt/app",
+        "/opt/app/old-dir",
+        "/root",
+        "/tmp",
+        "/usr",
+        "/var",
+        "/var/www",
     ];
     pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
         keel:x:1000:1000:keel:/home/keel:/bin/sh\n\
@@ -222,20 +311,32 @@ pub fn build_with(variant: Variant, media_types: MediaTypes) -> anyhow::Result<B
     let base = base_layer()?;
     let (steps, config) = match variant {
         Variant::Single => (
-            vec![Step::layer(base, false, "keel-testkit: busybox-static base")],
+            vec![Step::layer(
+                base,
+                false,
+                "keel-testkit: busybox-static base",
+            )],
             single_config(),
         ),
         Variant::Multi => (
             vec![
                 Step::layer(base, false, "keel-testkit: busybox-static base"),
                 Step::Empty("keel-testkit: ENV KEEL_TEST=1"),
-                Step::layer(multi_layer2()?, false, "keel-testkit: whiteouts, links, owners"),
+                Step::layer(
+                    multi_layer2()?,
+                    false,
+                    "keel-testkit: whiteouts, links, owners",
+                ),
                 Step::layer(multi_layer3()?, true, "keel-testkit: zstd layer"),
             ],
             multi_config(),
         ),
         Variant::Big => {
-            let mut steps = vec![Step::layer(base, false, "keel-testkit: busybox-static base")];
+            let mut steps = vec![Step::layer(
+                base,
+                false,
+                "keel-testkit: busybox-static base",
+            )];
             for i in 0..big_expect::EXTRA_LAYERS {
                 steps.push(Step::layer(big_layer(i)?, false, "keel-testkit: bulk data"));
             }
@@ -296,8 +397,8 @@ impl BuiltImage {
 
     /// Writes the OCI image layout as one tar file (what `oci-archive:` transports read).
     pub fn write_oci_archive(&self, path: &Path, ref_name: &str) -> anyhow::Result<()> {
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("create {}", path.display()))?;
+        let file =
+            std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
         let mut tar = Tar::new(std::io::BufWriter::new(file));
         tar.dir("blobs", 0o755, (0, 0))?;
         tar.dir("blobs/sha256", 0o755, (0, 0))?;
@@ -315,8 +416,8 @@ impl BuiltImage {
     pub fn write_docker_archive(&self, path: &Path, repo_tag: &str) -> anyhow::Result<()> {
         let (repo, tag) = split_repo_tag(repo_tag);
         let config_hex = hex_of(&self.config_digest);
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("create {}", path.display()))?;
+        let file =
+            std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
         let mut tar = Tar::new(std::io::BufWriter::new(file));
         let config_name = format!("{config_hex}.json");
         tar.file(&config_name, 0o644, (0, 0), BASE_MTIME, &self.config_json)?;
@@ -335,7 +436,13 @@ impl BuiltImage {
             tar.file(&format!("{id}/VERSION"), 0o644, (0, 0), BASE_MTIME, b"1.0")?;
             tar.file(&format!("{id}/json"), 0o644, (0, 0), BASE_MTIME, &v1)?;
             let tar_bytes = self.layer_tar(i)?;
-            tar.file(&format!("{id}/layer.tar"), 0o644, (0, 0), BASE_MTIME, &tar_bytes)?;
+            tar.file(
+                &format!("{id}/layer.tar"),
+                0o644,
+                (0, 0),
+                BASE_MTIME,
+                &tar_bytes,
+            )?;
             layer_paths.push(format!("{id}/layer.tar"));
             parent = Some(id);
         }
@@ -390,7 +497,8 @@ impl BuiltImage {
         client
             .store_auth_if_needed(host, &registry_auth(auth))
             .await;
-        self.push_with(&client, &by_digest(&self.manifest_digest)).await?;
+        self.push_with(&client, &by_digest(&self.manifest_digest))
+            .await?;
         index
             .arm64
             .push_with(&client, &by_digest(&index.arm64.manifest_digest))
@@ -409,7 +517,11 @@ impl BuiltImage {
             self.variant,
             self.media_types,
             Architecture::ARM64,
-            vec![Step::layer(decoy_layer()?, false, "keel-testkit: arm64 decoy")],
+            vec![Step::layer(
+                decoy_layer()?,
+                false,
+                "keel-testkit: arm64 decoy",
+            )],
             single_config(),
         )?;
         let entry = |img: &BuiltImage, architecture, variant: Option<&str>| ImageIndexEntry {
@@ -674,9 +786,27 @@ fn base_layer() -> anyhow::Result<Vec<u8>> {
     for d in ["dev", "proc", "sys", "etc"] {
         t.dir(d, 0o755, ROOT)?;
     }
-    t.file("etc/passwd", 0o644, ROOT, BASE_MTIME, single_expect::PASSWD.as_bytes())?;
-    t.file("etc/group", 0o644, ROOT, BASE_MTIME, single_expect::GROUP.as_bytes())?;
-    t.file("etc/motd", 0o644, ROOT, BASE_MTIME, single_expect::MOTD_CONTENT.as_bytes())?;
+    t.file(
+        "etc/passwd",
+        0o644,
+        ROOT,
+        BASE_MTIME,
+        single_expect::PASSWD.as_bytes(),
+    )?;
+    t.file(
+        "etc/group",
+        0o644,
+        ROOT,
+        BASE_MTIME,
+        single_expect::GROUP.as_bytes(),
+    )?;
+    t.file(
+        "etc/motd",
+        0o644,
+        ROOT,
+        BASE_MTIME,
+        single_expect::MOTD_CONTENT.as_bytes(),
+    )?;
     t.dir("home", 0o755, ROOT)?;
     t.dir("home/keel", 0o755, KEEL)?;
     t.dir("opt", 0o755, ROOT)?;
@@ -703,11 +833,23 @@ fn multi_layer2() -> anyhow::Result<Vec<u8>> {
     t.file("etc/.wh.motd", 0o644, ROOT, BASE_MTIME, b"")?;
     t.dir("home", 0o755, ROOT)?;
     t.dir("home/keel", 0o755, KEEL)?;
-    t.file(&rel(m::OWNED_FILE), m::OWNED_MODE, KEEL, BASE_MTIME, m::OWNED_CONTENT.as_bytes())?;
+    t.file(
+        &rel(m::OWNED_FILE),
+        m::OWNED_MODE,
+        KEEL,
+        BASE_MTIME,
+        m::OWNED_CONTENT.as_bytes(),
+    )?;
     t.dir("opt", 0o755, ROOT)?;
     t.dir("opt/app", 0o755, ROOT)?;
     t.file("opt/app/.wh..wh..opq", 0o644, ROOT, BASE_MTIME, b"")?;
-    t.file(&rel(m::NEW_FILE), 0o644, ROOT, BASE_MTIME, m::NEW_CONTENT.as_bytes())?;
+    t.file(
+        &rel(m::NEW_FILE),
+        0o644,
+        ROOT,
+        BASE_MTIME,
+        m::NEW_CONTENT.as_bytes(),
+    )?;
     t.hardlink(&rel(m::HARDLINK), &rel(m::NEW_FILE))?;
     t.symlink(&rel(m::SYMLINK), m::SYMLINK_TARGET)?;
     t.file(&rel(m::MTIME_FILE), 0o644, ROOT, m::MTIME, b"stamp\n")?;
@@ -719,7 +861,13 @@ fn multi_layer3() -> anyhow::Result<Vec<u8>> {
     let mut t = Tar::new(Vec::new());
     t.dir("etc", 0o755, ROOT)?;
     let content = multi_expect::ZSTD_CONTENT.as_bytes();
-    t.file(&rel(multi_expect::ZSTD_FILE), 0o644, ROOT, BASE_MTIME, content)?;
+    t.file(
+        &rel(multi_expect::ZSTD_FILE),
+        0o644,
+        ROOT,
+        BASE_MTIME,
+        content,
+    )?;
     t.finish()
 }
 
@@ -732,8 +880,22 @@ fn big_layer(i: usize) -> anyhow::Result<Vec<u8>> {
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
     const WORDS: &[&str] = &[
-        "keel", "container", "layer", "snapshot", "overlay", "registry", "digest", "manifest",
-        "pod", "sandbox", "network", "proxy", "cluster", "node", "image", "busybox",
+        "keel",
+        "container",
+        "layer",
+        "snapshot",
+        "overlay",
+        "registry",
+        "digest",
+        "manifest",
+        "pod",
+        "sandbox",
+        "network",
+        "proxy",
+        "cluster",
+        "node",
+        "image",
+        "busybox",
     ];
     let mut text = String::with_capacity(big_expect::TEXT_BYTES + 128);
     let mut line = 0u64;
@@ -750,8 +912,20 @@ fn big_layer(i: usize) -> anyhow::Result<Vec<u8>> {
     text.truncate(big_expect::TEXT_BYTES);
     let mut t = Tar::new(Vec::new());
     t.dir("data", 0o755, ROOT)?;
-    t.file(&format!("data/random-{i}.bin"), 0o644, ROOT, BASE_MTIME, &random)?;
-    t.file(&format!("data/text-{i}.txt"), 0o644, ROOT, BASE_MTIME, text.as_bytes())?;
+    t.file(
+        &format!("data/random-{i}.bin"),
+        0o644,
+        ROOT,
+        BASE_MTIME,
+        &random,
+    )?;
+    t.file(
+        &format!("data/text-{i}.txt"),
+        0o644,
+        ROOT,
+        BASE_MTIME,
+        text.as_bytes(),
+    )?;
     t.finish()
 }
 
@@ -986,7 +1160,13 @@ mod tests {
         assert!(cfg["config"].get("Entrypoint").is_none());
         assert_eq!(cfg["rootfs"]["diff_ids"][0], a.layers[0].diff_id.as_str());
         let names: Vec<_> = entries(&tar).into_iter().map(|e| e.0).collect();
-        for want in ["bin/busybox", "bin/sh", "etc/passwd", "var/www/index.html", "tmp"] {
+        for want in [
+            "bin/busybox",
+            "bin/sh",
+            "etc/passwd",
+            "var/www/index.html",
+            "tmp",
+        ] {
             assert!(names.iter().any(|n| n == want), "{want} missing");
         }
     }
@@ -1003,9 +1183,15 @@ mod tests {
         assert_eq!(find("etc/.wh.motd").1, tar::EntryType::Regular);
         find("opt/app/.wh..wh..opq");
         let link = find("opt/app/new-hardlink");
-        assert_eq!((link.1, link.5.as_str()), (tar::EntryType::Link, "opt/app/new.txt"));
+        assert_eq!(
+            (link.1, link.5.as_str()),
+            (tar::EntryType::Link, "opt/app/new.txt")
+        );
         let sym = find("opt/app/current");
-        assert_eq!((sym.1, sym.5.as_str()), (tar::EntryType::Symlink, "new.txt"));
+        assert_eq!(
+            (sym.1, sym.5.as_str()),
+            (tar::EntryType::Symlink, "new.txt")
+        );
         let owned = find("home/keel/secret.txt");
         assert_eq!((owned.2, owned.3), (0o640, 1000));
         assert_eq!(find("opt/app/stamp").4, multi_expect::MTIME);
@@ -1013,7 +1199,10 @@ mod tests {
         assert!(l3.iter().any(|e| e.0 == "etc/keel-layer3"));
         let cfg: serde_json::Value = serde_json::from_slice(&img.config_json).unwrap();
         assert_eq!(cfg["config"]["User"], "keel");
-        assert_eq!(cfg["config"]["ExposedPorts"], serde_json::json!({"8080/tcp": {}}));
+        assert_eq!(
+            cfg["config"]["ExposedPorts"],
+            serde_json::json!({"8080/tcp": {}})
+        );
         assert_eq!(cfg["history"].as_array().unwrap().len(), 4);
         assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), 3);
     }
@@ -1037,11 +1226,15 @@ mod tests {
     fn layout_and_archives_are_written() {
         let img = build(Variant::Single).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        img.write_oci_layout(&dir.path().join("layout"), "latest").unwrap();
+        img.write_oci_layout(&dir.path().join("layout"), "latest")
+            .unwrap();
         let index = std::fs::read(dir.path().join("layout/index.json")).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&index).unwrap();
         assert_eq!(v["manifests"][0]["digest"], img.manifest_digest.as_str());
-        let blob = dir.path().join("layout/blobs/sha256").join(hex_of(&img.manifest_digest));
+        let blob = dir
+            .path()
+            .join("layout/blobs/sha256")
+            .join(hex_of(&img.manifest_digest));
         assert_eq!(std::fs::read(blob).unwrap(), img.manifest_json);
 
         let archive = dir.path().join("img.tar");
@@ -1063,6 +1256,9 @@ mod tests {
         assert!(!is_loopback_host("10.0.0.1"));
         assert_eq!(split_repo_tag("busybox:1"), ("busybox", "1"));
         assert_eq!(split_repo_tag("busybox"), ("busybox", "latest"));
-        assert_eq!(split_repo_tag("h:5000/busybox"), ("h:5000/busybox", "latest"));
+        assert_eq!(
+            split_repo_tag("h:5000/busybox"),
+            ("h:5000/busybox", "latest")
+        );
     }
 }

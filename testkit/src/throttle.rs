@@ -210,7 +210,9 @@ async fn proxy_conn(client: TcpStream, shared: &Shared) -> anyhow::Result<()> {
 
 /// Read size for a rate: about 1/50 s worth of bytes, between 1 byte and [`MAX_CHUNK`].
 fn chunk_len(rate: u64) -> usize {
-    usize::try_from(rate / 50).unwrap_or(MAX_CHUNK).clamp(1, MAX_CHUNK)
+    usize::try_from(rate / 50)
+        .unwrap_or(MAX_CHUNK)
+        .clamp(1, MAX_CHUNK)
 }
 
 impl Shared {

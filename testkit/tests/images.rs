@@ -51,7 +51,11 @@ fn dir_manifest_digest(dir: &std::path::Path) -> String {
 fn check_pushed(reg: &Registry, img: &BuiltImage, repo: &str, tag: &str) {
     let r = format!("docker://{}/{repo}:{tag}", reg.host());
     let raw = skopeo(&["inspect", "--tls-verify=false", "--raw", &r]).unwrap();
-    assert_eq!(raw.as_bytes(), img.manifest_json.as_slice(), "{r}: manifest bytes");
+    assert_eq!(
+        raw.as_bytes(),
+        img.manifest_json.as_slice(),
+        "{r}: manifest bytes"
+    );
     let info = json(&skopeo(&["inspect", "--tls-verify=false", &r]).unwrap());
     assert_eq!(info["Digest"], img.manifest_digest.as_str(), "{r}");
     assert_eq!(info["Architecture"], "amd64");
@@ -65,7 +69,11 @@ fn check_pushed(reg: &Registry, img: &BuiltImage, repo: &str, tag: &str) {
     let want: Vec<&str> = img.layers.iter().map(|l| l.digest.as_str()).collect();
     assert_eq!(layers, want, "{r}: layers");
     for l in &img.layers {
-        assert!(reg.blob_data_path(&l.digest).is_file(), "{} on disk", l.digest);
+        assert!(
+            reg.blob_data_path(&l.digest).is_file(),
+            "{} on disk",
+            l.digest
+        );
     }
 
     // A full copy makes skopeo fetch and verify every blob against its digest.
@@ -85,11 +93,23 @@ fn registry_serves_pushed_images() {
     let multi = image_builder::build(Variant::Multi).unwrap();
     let docker = image_builder::build_with(Variant::Multi, MediaTypes::Docker).unwrap();
     block_on(async {
-        single.push(&reg.host(), "busybox", "single", None).await.unwrap();
-        multi.push(&reg.host(), "busybox", "multi", None).await.unwrap();
-        docker.push(&reg.host(), "lib/busybox", "docker", None).await.unwrap();
+        single
+            .push(&reg.host(), "busybox", "single", None)
+            .await
+            .unwrap();
+        multi
+            .push(&reg.host(), "busybox", "multi", None)
+            .await
+            .unwrap();
+        docker
+            .push(&reg.host(), "lib/busybox", "docker", None)
+            .await
+            .unwrap();
         // Pushing again is a no-op that keeps the digest.
-        single.push(&reg.host(), "busybox", "single", None).await.unwrap();
+        single
+            .push(&reg.host(), "busybox", "single", None)
+            .await
+            .unwrap();
     });
     check_pushed(&reg, &single, "busybox", "single");
     check_pushed(&reg, &multi, "busybox", "multi");
@@ -120,6 +140,15 @@ fn registry_serves_pushed_images() {
     .unwrap_err();
     let err = err.to_lowercase();
     assert!(err.contains("digest") || err.contains("size"), "{err}");
+
+    // Drop stops the registry and removes its storage.
+    let (addr, storage) = (reg.addr(), reg.storage_dir());
+    drop(reg);
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "registry still listening"
+    );
+    assert!(!storage.exists(), "registry storage left behind");
 }
 
 #[test]
@@ -170,8 +199,14 @@ fn htpasswd_registry_requires_credentials() {
     .unwrap();
     assert_eq!(reg.credentials(), Some(("keel", "s3cret")));
     assert_eq!(reg.v2_status().unwrap(), 401);
-    assert_eq!(reg.get_status("/v2/", Some(("keel", "s3cret"))).unwrap(), 200);
-    assert_eq!(reg.get_status("/v2/", Some(("keel", "wrong"))).unwrap(), 401);
+    assert_eq!(
+        reg.get_status("/v2/", Some(("keel", "s3cret"))).unwrap(),
+        200
+    );
+    assert_eq!(
+        reg.get_status("/v2/", Some(("keel", "wrong"))).unwrap(),
+        401
+    );
 
     let img = image_builder::build(Variant::Single).unwrap();
     let anon = block_on(img.push(&reg.host(), "private", "v1", None));
@@ -180,7 +215,16 @@ fn htpasswd_registry_requires_credentials() {
 
     let r = format!("docker://{}/private:v1", reg.host());
     assert!(skopeo(&["inspect", "--tls-verify=false", "--no-creds", &r]).is_err());
-    let info = json(&skopeo(&["inspect", "--tls-verify=false", "--creds", "keel:s3cret", &r]).unwrap());
+    let info = json(
+        &skopeo(&[
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "keel:s3cret",
+            &r,
+        ])
+        .unwrap(),
+    );
     assert_eq!(info["Digest"], img.manifest_digest.as_str());
 }
 
@@ -196,20 +240,46 @@ fn archives_are_readable_by_skopeo() {
 
         let layout = dir.path().join(format!("{name}-layout"));
         img.write_oci_layout(&layout, "latest").unwrap();
-        let info = json(&skopeo(&["inspect", &format!("oci:{}:latest", layout.display())]).unwrap());
-        assert_eq!(info["Digest"], img.manifest_digest.as_str(), "{name} oci layout");
+        let info =
+            json(&skopeo(&["inspect", &format!("oci:{}:latest", layout.display())]).unwrap());
+        assert_eq!(
+            info["Digest"],
+            img.manifest_digest.as_str(),
+            "{name} oci layout"
+        );
 
         let oci_archive = dir.path().join(format!("{name}-oci.tar"));
         img.write_oci_archive(&oci_archive, "latest").unwrap();
-        let info = json(&skopeo(&["inspect", &format!("oci-archive:{}", oci_archive.display())]).unwrap());
-        assert_eq!(info["Digest"], img.manifest_digest.as_str(), "{name} oci archive");
+        let info =
+            json(&skopeo(&["inspect", &format!("oci-archive:{}", oci_archive.display())]).unwrap());
+        assert_eq!(
+            info["Digest"],
+            img.manifest_digest.as_str(),
+            "{name} oci archive"
+        );
 
         let docker_archive = dir.path().join(format!("{name}-docker.tar"));
-        img.write_docker_archive(&docker_archive, "keel/busybox:test").unwrap();
+        img.write_docker_archive(&docker_archive, "keel/busybox:test")
+            .unwrap();
         // Naming the tag makes skopeo look it up in manifest.json's RepoTags.
-        let src = format!("docker-archive:{}:keel/busybox:test", docker_archive.display());
+        let src = format!(
+            "docker-archive:{}:keel/busybox:test",
+            docker_archive.display()
+        );
+        let wrong = format!(
+            "docker-archive:{}:keel/busybox:other",
+            docker_archive.display()
+        );
+        assert!(
+            skopeo(&["inspect", "--raw", &wrong]).is_err(),
+            "unknown tag accepted"
+        );
         let raw = json(&skopeo(&["inspect", "--raw", &src]).unwrap());
-        assert_eq!(raw["config"]["digest"], img.config_digest.as_str(), "{name} docker archive");
+        assert_eq!(
+            raw["config"]["digest"],
+            img.config_digest.as_str(),
+            "{name} docker archive"
+        );
         // skopeo hashes the uncompressed layer.tar files it reads: they must be our diff_ids.
         let diff_ids: Vec<&str> = img.layers.iter().map(|l| l.diff_id.as_str()).collect();
         let got: Vec<&str> = raw["layers"]
@@ -248,7 +318,10 @@ fn throttle_limits_server_to_client_rate() {
     serve.join().unwrap();
     assert_eq!(got.len(), SIZE);
     assert!(got.iter().all(|b| *b == 7));
-    assert!(elapsed >= Duration::from_millis(400), "1 MiB at 2 MiB/s took {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400),
+        "1 MiB at 2 MiB/s took {elapsed:?}"
+    );
     assert_eq!(proxy.bytes_to_client(), SIZE as u64);
     assert_eq!(proxy.connections(), 1);
 }
@@ -270,10 +343,16 @@ fn throttle_pause_and_drop_cut_a_transfer() {
     std::thread::sleep(Duration::from_millis(100));
     let paused_at = proxy.bytes_to_client();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(proxy.bytes_to_client(), paused_at, "paused proxy still forwards");
+    assert_eq!(
+        proxy.bytes_to_client(),
+        paused_at,
+        "paused proxy still forwards"
+    );
     drop(proxy);
     // After the proxy is gone the client sees EOF or a reset, never the rest of the data.
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut rest = Vec::new();
     let _ = client.read_to_end(&mut rest);
     assert!(buf.len() + rest.len() < 4 * 1024 * 1024);

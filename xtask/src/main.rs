@@ -1,1 +1,133 @@
-fn main() {}
+//! `cargo xtask`: Keel's developer tasks. `setup` installs the system packages the build and
+//! the tests need; `test` is the one command CI runs; `bench` runs a benchmark against its
+//! anchor in the same run; `image` builds the busybox test images; `run` builds keel and
+//! starts the main job.
+
+mod bench_images;
+mod image;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Keel developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the Debian packages the build and the tests need (only those missing).
+    Setup,
+    /// Everything CI checks: setup, cargo fmt --check, clippy -D warnings, every test
+    /// (privileged ones included: run as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark beside its anchor and print the ratios.
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+    },
+    /// Build test images.
+    #[command(subcommand)]
+    Image(ImageTask),
+    /// Build keel (release) and start the main job in the foreground.
+    Run {
+        /// State root for the run.
+        #[arg(long, default_value = "/var/lib/keel")]
+        root: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageTask {
+    /// The busybox test image, from Debian's busybox-static.
+    Busybox(image::ImageArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// Image pull from a local registry: keel vs skopeo copy.
+    Images,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+        Task::Bench { which } => {
+            setup::run()?;
+            match which {
+                Bench::Images => bench_images::run(),
+            }
+        }
+        Task::Image(ImageTask::Busybox(args)) => {
+            setup::run()?;
+            image::run(args)
+        }
+        Task::Run { root } => run_main_job(&root),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs `cargo ARGS` in the workspace root, failing if it fails.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    println!("+ cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("xtask: not root: privileged tests will print SKIP lines (CI runs as root)");
+    }
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The CNI tests and the end-to-end tests exec the release-independent debug binaries,
+    // which `cargo test` builds for the packages that declare them.
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}
+
+fn run_main_job(root: &Path) -> anyhow::Result<()> {
+    setup::run()?;
+    cargo(&["build", "--release", "--bin", "keel"])?;
+    let keel = workspace_root().join("target/release/keel");
+    println!("+ {} --root {} image ls", keel.display(), root.display());
+    let status = Command::new(&keel)
+        .arg("--root")
+        .arg(root)
+        .args(["image", "ls"])
+        .status()
+        .with_context(|| format!("start {}", keel.display()))?;
+    if !status.success() {
+        bail!("keel exited with {status}");
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@ fn main() {
     let mut stdin = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
         Ok(_) => keel_cni::plugin::execute(|k| std::env::var(k).ok(), &stdin),
-        Err(e) => keel_cni::plugin::execute(|_| None, format!("{{\"stdin\":\"{e}\"}}").as_bytes()),
+        Err(e) => keel_cni::plugin::stdin_failure(e),
     };
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(outcome.stdout.as_bytes());

@@ -59,8 +59,10 @@ impl ImageStore {
             } else {
                 None
             };
+            // The image stays while it has a tag left; digest names alone do not keep it (as
+            // `docker rmi` of the last tag deletes the image).
             match remaining {
-                Some(kept) if !kept.repo_tags.is_empty() || !kept.repo_digests.is_empty() => {
+                Some(kept) if !kept.repo_tags.is_empty() => {
                     report.untagged.push(name.clone());
                     meta.write(&kept)?;
                 }
