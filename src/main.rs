@@ -14,7 +14,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "keel", version, about, long_about = None, propagate_version = true)]
 struct Cli {
     /// State root for images, pods and containers.
-    #[arg(long, global = true, env = "KEEL_ROOT", default_value = "/var/lib/keel")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_ROOT",
+        default_value = "/var/lib/keel"
+    )]
     root: PathBuf,
 
     /// Config file (TOML). Flags override it. Missing default file is fine; a missing

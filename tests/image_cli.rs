@@ -64,19 +64,31 @@ fn pull_killed_midway_then_retried_succeeds() {
 
     let mut first = keel(root.path());
     first
-        .args(["image", "pull", "--insecure-registry", &proxy.host(), &reference])
+        .args([
+            "image",
+            "pull",
+            "--insecure-registry",
+            &proxy.host(),
+            &reference,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut child = first.spawn().unwrap();
     let ingest = root.path().join("images/content/ingest");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let partial: u64 = files_with_suffix(&ingest, ".partial").iter().map(|f| f.1).sum();
+        let partial: u64 = files_with_suffix(&ingest, ".partial")
+            .iter()
+            .map(|f| f.1)
+            .sum();
         if partial > 1024 * 1024 {
             break;
         }
         assert!(Instant::now() < deadline, "pull never got going");
-        assert!(child.try_wait().unwrap().is_none(), "pull ended before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "pull ended before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
@@ -93,7 +105,13 @@ fn pull_killed_midway_then_retried_succeeds() {
     proxy.set_rate(1024 * 1024 * 1024);
     let out = ok({
         let mut c = keel(root.path());
-        c.args(["image", "pull", "--insecure-registry", &proxy.host(), &reference]);
+        c.args([
+            "image",
+            "pull",
+            "--insecure-registry",
+            &proxy.host(),
+            &reference,
+        ]);
         c
     });
     assert!(out.contains("pulled"), "{out}");
@@ -142,12 +160,17 @@ fn mirrors_serve_docker_hub_names_from_flags_and_config() {
     let cfg = root2.path().join("config.toml");
     std::fs::write(
         &cfg,
-        format!("[registry.mirrors]\n\"docker.io\" = [\"http://{}\"]\n", reg.host()),
+        format!(
+            "[registry.mirrors]\n\"docker.io\" = [\"http://{}\"]\n",
+            reg.host()
+        ),
     )
     .unwrap();
     ok({
         let mut c = keel(root2.path());
-        c.arg("--config").arg(&cfg).args(["image", "pull", "busybox:latest"]);
+        c.arg("--config")
+            .arg(&cfg)
+            .args(["image", "pull", "busybox:latest"]);
         c
     });
 
@@ -159,7 +182,10 @@ fn mirrors_serve_docker_hub_names_from_flags_and_config() {
         c
     });
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("config.toml") && err.contains("mirror"), "{err}");
+    assert!(
+        err.contains("config.toml") && err.contains("mirror"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -173,11 +199,20 @@ fn ls_inspect_rm_import_prune_and_clear_errors() {
     let reference = format!("{}/test/multi:v1", reg.host());
     let pulled = ok({
         let mut c = keel(root.path());
-        c.args(["image", "pull", "--insecure-registry", &reg.host(), &reference]);
+        c.args([
+            "image",
+            "pull",
+            "--insecure-registry",
+            &reg.host(),
+            &reference,
+        ]);
         c
     });
     // not a terminal: plain progress lines
-    assert!(pulled.contains("resolved sha256:") && pulled.contains(": done"), "{pulled}");
+    assert!(
+        pulled.contains("resolved sha256:") && pulled.contains(": done"),
+        "{pulled}"
+    );
 
     let inspect = ok({
         let mut c = keel(root.path());
@@ -192,7 +227,13 @@ fn ls_inspect_rm_import_prune_and_clear_errors() {
     let missing = format!("{}/test/multi:nope", reg.host());
     let out = fails({
         let mut c = keel(root.path());
-        c.args(["image", "pull", "--insecure-registry", &reg.host(), &missing]);
+        c.args([
+            "image",
+            "pull",
+            "--insecure-registry",
+            &reg.host(),
+            &missing,
+        ]);
         c
     });
     let err = String::from_utf8_lossy(&out.stderr);
@@ -201,7 +242,9 @@ fn ls_inspect_rm_import_prune_and_clear_errors() {
     // import a docker archive beside it
     let single = image_builder::build_cached(Variant::Single, MediaTypes::Oci).unwrap();
     let archive = root.path().join("single.tar");
-    single.write_docker_archive(&archive, "keel/single:v2").unwrap();
+    single
+        .write_docker_archive(&archive, "keel/single:v2")
+        .unwrap();
     let out = ok({
         let mut c = keel(root.path());
         c.arg("image").arg("import").arg(&archive);

@@ -153,10 +153,10 @@ pub fn disk_usage(root: &Path) -> (u64, u64) {
         }
         inodes += 1;
         bytes += md.blocks() * 512;
-        if md.is_dir() {
-            if let Ok(rd) = std::fs::read_dir(&p) {
-                stack.extend(rd.flatten().map(|e| e.path()));
-            }
+        if md.is_dir()
+            && let Ok(rd) = std::fs::read_dir(&p)
+        {
+            stack.extend(rd.flatten().map(|e| e.path()));
         }
     }
     (bytes, inodes)

@@ -22,7 +22,9 @@ fn store(root: &StateRoot, reg: &Registry) -> ImageStore {
 
 async fn push(reg: &Registry, v: Variant, mt: MediaTypes, repo: &str) -> String {
     let img = image_builder::build_cached(v, mt).unwrap();
-    img.push(&reg.host(), repo, "v1", reg.credentials()).await.unwrap();
+    img.push(&reg.host(), repo, "v1", reg.credentials())
+        .await
+        .unwrap();
     format!("{}/{repo}:v1", reg.host())
 }
 
@@ -36,8 +38,18 @@ fn merged_view(root: &StateRoot, dirs: &[PathBuf]) -> PathBuf {
         lower.push(root.subdir("empty").unwrap().display().to_string());
     }
     let opts = format!("lowerdir={}", lower.join(":"));
-    keel_testkit::run("mount", &["-t", "overlay", "overlay", "-o", &opts, target.to_str().unwrap()])
-        .unwrap();
+    keel_testkit::run(
+        "mount",
+        &[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &opts,
+            target.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
     target
 }
 
@@ -78,12 +90,18 @@ async fn pulls_single_and_multi_layer_images_and_applies_whiteouts() {
     // the base layer is shared with the single image: unpacked once
     assert_eq!(rep.reused_layers, 1, "base layer must be reused");
     let view = merged_view(&root, &s.snapshot_dirs(&rep.image).unwrap());
-    assert!(!view.join(rel(multi_expect::DELETED)).exists(), "whiteout not applied");
+    assert!(
+        !view.join(rel(multi_expect::DELETED)).exists(),
+        "whiteout not applied"
+    );
     for old in single_expect::OLD_FILES {
         assert!(!view.join(rel(old)).exists(), "opaque dir kept {old}");
     }
     let new = view.join(rel(multi_expect::NEW_FILE));
-    assert_eq!(std::fs::read_to_string(&new).unwrap(), multi_expect::NEW_CONTENT);
+    assert_eq!(
+        std::fs::read_to_string(&new).unwrap(),
+        multi_expect::NEW_CONTENT
+    );
     let link = view.join(rel(multi_expect::HARDLINK));
     assert_eq!(
         std::fs::metadata(&link).unwrap().ino(),
@@ -95,18 +113,33 @@ async fn pulls_single_and_multi_layer_images_and_applies_whiteouts() {
     );
     let owned = std::fs::metadata(view.join(rel(multi_expect::OWNED_FILE))).unwrap();
     assert_eq!(owned.mode() & 0o7777, multi_expect::OWNED_MODE);
-    assert_eq!((owned.uid(), owned.gid()), (multi_expect::OWNED_UID, multi_expect::OWNED_GID));
+    assert_eq!(
+        (owned.uid(), owned.gid()),
+        (multi_expect::OWNED_UID, multi_expect::OWNED_GID)
+    );
     let stamp = std::fs::symlink_metadata(view.join(rel(multi_expect::MTIME_FILE))).unwrap();
     assert_eq!(stamp.mtime() as u64, multi_expect::MTIME);
-    assert!(view.join(rel(multi_expect::ZSTD_FILE)).exists(), "zstd layer missing");
+    assert!(
+        view.join(rel(multi_expect::ZSTD_FILE)).exists(),
+        "zstd layer missing"
+    );
 
     let cfg = s.config(&rep.image).await.unwrap();
     let c = cfg.config().as_ref().unwrap();
     assert_eq!(c.user().as_deref(), Some("keel"));
     assert_eq!(c.working_dir().as_deref(), Some("/home/keel"));
 
-    let listed: Vec<String> = s.list().await.unwrap().into_iter().flat_map(|r| r.repo_tags).collect();
-    assert!(listed.contains(&single) && listed.contains(&multi), "{listed:?}");
+    let listed: Vec<String> = s
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|r| r.repo_tags)
+        .collect();
+    assert!(
+        listed.contains(&single) && listed.contains(&multi),
+        "{listed:?}"
+    );
     assert!(s.fs_usage().await.unwrap().bytes > 1024 * 1024);
 }
 
@@ -131,12 +164,17 @@ async fn repull_downloads_nothing_and_concurrent_pulls_work_once() {
         .map(|j| j.unwrap().unwrap())
         .collect();
     let downloaded: usize = reports.iter().map(|r| r.downloaded_layers).sum();
-    assert_eq!(downloaded, 3, "each of the 3 layers must be downloaded exactly once");
+    assert_eq!(
+        downloaded, 3,
+        "each of the 3 layers must be downloaded exactly once"
+    );
     assert!(reports.iter().all(|x| x.image.id == reports[0].image.id));
 
     let blob = root.path().join(format!(
         "images/content/blobs/sha256/{}",
-        reports[0].image.layers[2].digest.trim_start_matches("sha256:")
+        reports[0].image.layers[2]
+            .digest
+            .trim_start_matches("sha256:")
     ));
     let before = std::fs::metadata(&blob).unwrap();
     let again = s.pull(PullRequest::new(&r)).await.unwrap();
@@ -155,16 +193,26 @@ async fn index_and_docker_manifest_list_pick_linux_amd64() {
     let reg = Registry::start_anonymous().unwrap();
     let root = StateRoot::new().unwrap();
     let s = store(&root, &reg);
-    for (mt, repo) in [(MediaTypes::Oci, "test/oci-index"), (MediaTypes::Docker, "test/docker-list")] {
+    for (mt, repo) in [
+        (MediaTypes::Oci, "test/oci-index"),
+        (MediaTypes::Docker, "test/docker-list"),
+    ] {
         let img = image_builder::build_cached(Variant::Single, mt).unwrap();
-        let idx = img.push_index(&reg.host(), repo, "multiarch", None).await.unwrap();
+        let idx = img
+            .push_index(&reg.host(), repo, "multiarch", None)
+            .await
+            .unwrap();
         let reference = format!("{}/{repo}:multiarch", reg.host());
         let rep = s.pull(PullRequest::new(&reference)).await.unwrap();
         assert_eq!(rep.image.manifest_digest, idx.amd64_digest, "{repo}");
         assert_eq!(rep.image.index_digest.as_deref(), Some(idx.digest.as_str()));
         // both variants share one config, hence one image id carrying both repo digests
         let name = format!("{}/{repo}@{}", reg.host(), idx.digest);
-        assert!(rep.image.repo_digests.contains(&name), "{:?}", rep.image.repo_digests);
+        assert!(
+            rep.image.repo_digests.contains(&name),
+            "{:?}",
+            rep.image.repo_digests
+        );
         // pull by the index digest gives the same image
         let by_digest = format!("{}/{repo}@{}", reg.host(), idx.digest);
         let rep2 = s.pull(PullRequest::new(by_digest)).await.unwrap();
@@ -208,8 +256,16 @@ async fn remove_untags_then_deletes_and_prune_collects_everything() {
     assert_eq!(rep.deleted, vec![img.id]);
     assert_eq!(rep.snapshots_removed, 3);
     let images = root.path().join("images");
-    assert_eq!(std::fs::read_dir(images.join("snapshots")).unwrap().count(), 0);
-    assert_eq!(std::fs::read_dir(images.join("content/blobs/sha256")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(images.join("snapshots")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(images.join("content/blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
     assert!(s.list().await.unwrap().is_empty());
 }
 
@@ -235,9 +291,22 @@ async fn digest_mismatched_blob_is_rejected_and_leaves_nothing() {
     assert!(e.to_string().contains(&layer.digest), "{e}");
     assert!(s.list().await.unwrap().is_empty());
     let images = root.path().join("images");
-    assert_eq!(std::fs::read_dir(images.join("snapshots")).unwrap().count(), 0);
-    assert_eq!(std::fs::read_dir(images.join("content/blobs/sha256")).unwrap().count(), 0);
-    assert_eq!(std::fs::read_dir(images.join("content/ingest")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(images.join("snapshots")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(images.join("content/blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(images.join("content/ingest"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,7 +364,11 @@ async fn docker_schema2_images_pull() {
         rep.image.manifest_media_type,
         image_builder::DOCKER_MANIFEST
     );
-    assert!(s.snapshot_dirs(&rep.image).unwrap()[0].join("bin/busybox").exists());
+    assert!(
+        s.snapshot_dirs(&rep.image).unwrap()[0]
+            .join("bin/busybox")
+            .exists()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -332,10 +405,16 @@ async fn errors_name_the_image_and_the_cause() {
         },
     )
     .unwrap();
-    let e = s2.pull(PullRequest::new(format!("{dead}/x/y:1"))).await.unwrap_err();
+    let e = s2
+        .pull(PullRequest::new(format!("{dead}/x/y:1")))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ImageError::Unreachable { .. }), "{e}");
 
-    let e = s.pull(PullRequest::new("Not A Reference")).await.unwrap_err();
+    let e = s
+        .pull(PullRequest::new("Not A Reference"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ImageError::InvalidReference { .. }), "{e}");
     assert!(s.list().await.unwrap().is_empty());
 }
@@ -362,7 +441,9 @@ async fn imports_oci_archives_and_docker_archives() {
 
     let single = image_builder::build_cached(Variant::Single, MediaTypes::Oci).unwrap();
     let docker = work.join("single.docker.tar");
-    single.write_docker_archive(&docker, "busybox:keel").unwrap();
+    single
+        .write_docker_archive(&docker, "busybox:keel")
+        .unwrap();
     let recs = s.import(&docker).await.unwrap();
     assert_eq!(recs[0].id, single.config_digest);
     assert_eq!(recs[0].repo_tags, vec!["docker.io/library/busybox:keel"]);

@@ -84,7 +84,12 @@ pub struct PullArgs {
     #[command(flatten)]
     pub registry: RegistryFlags,
     /// Credentials for the image's registry, as USER:PASSWORD (or set KEEL_REGISTRY_AUTH).
-    #[arg(long, env = "KEEL_REGISTRY_AUTH", hide_env_values = true, value_name = "USER:PASSWORD")]
+    #[arg(
+        long,
+        env = "KEEL_REGISTRY_AUTH",
+        hide_env_values = true,
+        value_name = "USER:PASSWORD"
+    )]
     pub creds: Option<String>,
     /// Print only the image id.
     #[arg(long, short)]
@@ -110,7 +115,9 @@ pub fn run(root: &Path, config: &Config, cmd: ImageCommand) -> anyhow::Result<Ex
         match cmd {
             ImageCommand::Pull(args) => pull(root, config, args).await,
             ImageCommand::Ls(args) => ls(&open(root, &config.registry)?, args).await,
-            ImageCommand::Inspect { image } => inspect(&open(root, &config.registry)?, &image).await,
+            ImageCommand::Inspect { image } => {
+                inspect(&open(root, &config.registry)?, &image).await
+            }
             ImageCommand::Rm { images } => rm(&open(root, &config.registry)?, &images).await,
             ImageCommand::Import { files } => import(&open(root, &config.registry)?, &files).await,
             ImageCommand::Prune { all } => prune(&open(root, &config.registry)?, all).await,
@@ -198,7 +205,10 @@ impl Progress {
                     total_bytes,
                 },
             ) => {
-                let line = format!("resolved {manifest_digest}: {layers} layers, {}", human(total_bytes));
+                let line = format!(
+                    "resolved {manifest_digest}: {layers} layers, {}",
+                    human(total_bytes)
+                );
                 match &self.bars {
                     Some(m) => {
                         let _ = m.println(line);
@@ -206,7 +216,9 @@ impl Progress {
                     None => println!("{line}"),
                 }
             }
-            (None, PullEvent::LayerReused { digest, .. }) => println!("{}: already present", short(&digest)),
+            (None, PullEvent::LayerReused { digest, .. }) => {
+                println!("{}: already present", short(&digest))
+            }
             (None, PullEvent::LayerDone { digest }) => println!("{}: done", short(&digest)),
             (None, PullEvent::LayerProgress { .. }) => {}
             (Some(m), PullEvent::LayerReused { digest, size }) => {
@@ -215,7 +227,14 @@ impl Progress {
                 bar.set_prefix(short(&digest).to_owned());
                 bar.finish_with_message("already present");
             }
-            (Some(m), PullEvent::LayerProgress { digest, downloaded, size }) => {
+            (
+                Some(m),
+                PullEvent::LayerProgress {
+                    digest,
+                    downloaded,
+                    size,
+                },
+            ) => {
                 let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
                 let bar = layers.entry(digest.clone()).or_insert_with(|| {
                     let b = m.add(ProgressBar::new(size));
@@ -294,13 +313,26 @@ async fn ls(store: &ImageStore, args: LsArgs) -> anyhow::Result<ExitCode> {
         .flat_map(|rec| {
             let digest = rec.repo_digests.first().cloned().unwrap_or_default();
             names(rec).into_iter().map(move |n| {
-                (n, rec.short_id().to_owned(), human(rec.size), digest.clone())
+                (
+                    n,
+                    rec.short_id().to_owned(),
+                    human(rec.size),
+                    digest.clone(),
+                )
             })
         })
         .collect();
-    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max("REFERENCE".len());
+    let w = rows
+        .iter()
+        .map(|r| r.0.len())
+        .max()
+        .unwrap_or(0)
+        .max("REFERENCE".len());
     if args.digests {
-        println!("{:<w$}  {:<12}  {:>10}  DIGEST", "REFERENCE", "IMAGE ID", "SIZE");
+        println!(
+            "{:<w$}  {:<12}  {:>10}  DIGEST",
+            "REFERENCE", "IMAGE ID", "SIZE"
+        );
     } else {
         println!("{:<w$}  {:<12}  {:>10}", "REFERENCE", "IMAGE ID", "SIZE");
     }

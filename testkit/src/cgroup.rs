@@ -64,7 +64,8 @@ impl CgroupGuard {
                 if p.exists() {
                     continue; // co-mounted controllers (cpu,cpuacct) share one directory
                 }
-                std::fs::create_dir(&p).with_context(|| format!("create cgroup {}", p.display()))?;
+                std::fs::create_dir(&p)
+                    .with_context(|| format!("create cgroup {}", p.display()))?;
                 guard.v1.push((ctrl.to_string(), p));
             }
         }
@@ -106,7 +107,10 @@ pub fn remove_tree(dir: &Path) {
     for d in &dirs {
         for attempt in 0..50 {
             if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
-                for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                for pid in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
                     if let Some(pid) = rustix::process::Pid::from_raw(pid) {
                         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                     }

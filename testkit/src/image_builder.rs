@@ -47,95 +47,24 @@ pub const ENV: &[&str] = &[
     "KEEL_TEST=1",
 ];
 
-/// Applets linked as `/bin/<name> -> busybox` (all present in Debian's busybox-static).
-pub const APPLETS: &[&str] = &[
-    "[",
-    "ash",
-    "awk",
-    "base64",
-    "basename",
-    "cat",
-    "chmod",
-    "chown",
-    "cp",
-    "cut",
-    "date",
-    "dd",
-    "df",
-    "dirname",
-    "du",
-    "echo",
-    "env",
-    "expr",
-    "false",
-    "find",
-    "free",
-    "grep",
-    "groups",
-    "gunzip",
-    "gzip",
-    "head",
-    "hostname",
-    "httpd",
-    "id",
-    "ip",
-    "kill",
-    "ln",
-    "ls",
-    "md5sum",
-    "mkdir",
-    "mkfifo",
-    "mknod",
-    "mktemp",
-    "mount",
-    "mv",
-    "nc",
-    "nproc",
-    "nslookup",
-    "pidof",
-    "ping",
-    "printf",
-    "ps",
-    "pwd",
-    "readlink",
-    "realpath",
-    "rm",
-    "rmdir",
-    "sed",
-    "seq",
-    "setsid",
-    "sh",
-    "sha256sum",
-    "sleep",
-    "sort",
-    "stat",
-    "sync",
-    "tail",
-    "tar",
-    "tee",
-    "test",
-    "timeout",
-    "top",
-    "touch",
-    "tr",
-    "true",
-    "umount",
-    "uname",
-    "uniq",
-    "unshare",
-    "uptime",
-    "vi",
-    "wc",
-    "wget",
-    "which",
-    "whoami",
-    "xargs",
-    "yes",
-];
+/// Applets linked as `/bin/<name> -> busybox` (all present in Debian's busybox-static),
+/// separated by spaces; [`applets`] splits them.
+pub const APPLETS: &str = "\
+    [ ash awk base64 basename cat chmod chown cp cut date dd df dirname du echo env expr \
+    false find free grep groups gunzip gzip head hostname httpd id ip kill ln ls md5sum \
+    mkdir mkfifo mknod mktemp mount mv nc nproc nslookup pidof ping printf ps pwd readlink \
+    realpath rm rmdir sed seq setsid sh sha256sum sleep sort stat sync tail tar tee test \
+    timeout top touch tr true umount uname uniq unshare uptime vi wc wget which whoami xargs \
+    yes";
+
+/// The names in [`APPLETS`].
+pub fn applets() -> impl Iterator<Item = &'static str> {
+    APPLETS.split_whitespace()
+}
 
 /// What the `Single` image holds (also the first layer of `Multi` and `Big`).
 pub mod single_expect {
-    /// `/bin/busybox` (0755) plus `/bin/<applet>` symlinks to `busybox` for [`super::APPLETS`].
+    /// `/bin/busybox` (0755) plus `/bin/<applet>` symlinks to `busybox` for [`super::applets`].
     pub const BUSYBOX: &str = "/bin/busybox";
     /// Directories: `/bin /dev /proc /sys /etc /home /opt /opt/app /opt/app/old-dir /usr /var
     /// /var/www` are 0755 root; `/root` 0700; `/tmp` 01777; `/home/keel` 0755 owned 1000:1000.
@@ -780,7 +709,7 @@ fn base_layer() -> anyhow::Result<Vec<u8>> {
     let mut t = Tar::new(Vec::new());
     t.dir("bin", 0o755, ROOT)?;
     t.file("bin/busybox", 0o755, ROOT, BASE_MTIME, &busybox)?;
-    for applet in APPLETS {
+    for applet in applets() {
         t.symlink(&format!("bin/{applet}"), "busybox")?;
     }
     for d in ["dev", "proc", "sys", "etc"] {

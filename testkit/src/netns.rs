@@ -97,10 +97,25 @@ impl VethPair {
         ns_a.exec(
             "ip",
             &[
-                "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b.name(),
+                "link",
+                "add",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b,
+                "netns",
+                ns_b.name(),
             ],
         )
-        .with_context(|| format!("create veth {a}<->{b} between {} and {}", ns_a.name(), ns_b.name()))?;
+        .with_context(|| {
+            format!(
+                "create veth {a}<->{b} between {} and {}",
+                ns_a.name(),
+                ns_b.name()
+            )
+        })?;
         Ok(VethPair {
             a: a.to_owned(),
             b: b.to_owned(),

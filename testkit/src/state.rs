@@ -86,7 +86,10 @@ impl Drop for StateRoot {
         let path = dir.path().to_owned();
         if let Err(e) = dir.close() {
             // Immutable or busy files: say so instead of hiding the leak.
-            eprintln!("testkit: could not remove state root {}: {e}", path.display());
+            eprintln!(
+                "testkit: could not remove state root {}: {e}",
+                path.display()
+            );
         }
     }
 }

@@ -107,7 +107,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: not root: privileged tests will print SKIP lines (CI runs as root)");
     }
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // The CNI tests and the end-to-end tests exec the release-independent debug binaries,
     // which `cargo test` builds for the packages that declare them.
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];

@@ -126,11 +126,12 @@ impl ContentStore {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(hex) = name.strip_suffix(".partial") else {
                 // import work directories: `.import-<n>`, removed when their lock is free
-                if let Some(n) = name.strip_prefix(".import-") {
-                    if let Some(_held) = FileLock::try_acquire(&self.lock_path(&format!("import-{n}")))? {
-                        fsutil::remove_dir_all_if_exists(&e.path())?;
-                        removed += 1;
-                    }
+                if let Some(n) = name.strip_prefix(".import-")
+                    && let Some(_held) =
+                        FileLock::try_acquire(&self.lock_path(&format!("import-{n}")))?
+                {
+                    fsutil::remove_dir_all_if_exists(&e.path())?;
+                    removed += 1;
                 }
                 continue;
             };
@@ -269,7 +270,11 @@ mod tests {
         let mut w = cs.ingest(&d).unwrap();
         w.write_all(b"partial").unwrap();
         std::mem::forget(w); // as if the process died mid-download
-        assert_eq!(cs.clean_ingest().unwrap(), 0, "held lock protects the writer");
+        assert_eq!(
+            cs.clean_ingest().unwrap(),
+            0,
+            "held lock protects the writer"
+        );
         drop(lock);
         assert_eq!(cs.clean_ingest().unwrap(), 1);
     }

@@ -82,11 +82,7 @@ impl ImageStore {
 
     /// Deletes images with no names left (or, with `all`, every image not in `in_use`), then
     /// collects unused content.
-    pub async fn prune(
-        &self,
-        all: bool,
-        in_use: &HashSet<String>,
-    ) -> Result<GcReport, ImageError> {
+    pub async fn prune(&self, all: bool, in_use: &HashSet<String>) -> Result<GcReport, ImageError> {
         let store = self.clone();
         let in_use = in_use.clone();
         tokio::task::spawn_blocking(move || {

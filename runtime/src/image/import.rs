@@ -124,7 +124,8 @@ impl ImageStore {
                 let mut wrote = false;
                 for (layer, file) in layers.iter().zip(&files) {
                     let content = &store.inner.content;
-                    if store.inner.snapshots.exists(&layer.diff_id) && content.exists(&layer.digest) {
+                    if store.inner.snapshots.exists(&layer.diff_id) && content.exists(&layer.digest)
+                    {
                         continue;
                     }
                     let compression = Compression::from_media_type(&layer.media_type)
@@ -161,9 +162,7 @@ impl ImageStore {
                 Ok::<_, ImageError>(wrote)
             })
             .await??;
-            let rec = self
-                .record(f.resolved, f.names, Vec::new(), wrote)
-                .await?;
+            let rec = self.record(f.resolved, f.names, Vec::new(), wrote).await?;
             drop(locks);
             out.push(rec);
         }
@@ -200,7 +199,10 @@ fn extract_archive(tarball: &Path, work: &Path) -> Result<(), ImageError> {
             .into_owned();
         let kind = entry.header().entry_type();
         let rel = plain_relative(&name).ok_or_else(|| {
-            import_err(tarball, format!("entry {:?} is not a plain relative path", name))
+            import_err(
+                tarball,
+                format!("entry {:?} is not a plain relative path", name),
+            )
         })?;
         let dest = work.join(&rel);
         match kind {
@@ -223,10 +225,15 @@ fn extract_archive(tarball: &Path, work: &Path) -> Result<(), ImageError> {
                     .ok()
                     .flatten()
                     .map(|t| t.into_owned())
-                    .ok_or_else(|| import_err(tarball, format!("symlink {:?} has no target", name)))?;
+                    .ok_or_else(|| {
+                        import_err(tarball, format!("symlink {:?} has no target", name))
+                    })?;
                 let base = rel.parent().unwrap_or(Path::new(""));
                 let resolved = plain_relative(&base.join(&target)).ok_or_else(|| {
-                    import_err(tarball, format!("symlink {:?} points outside the archive", name))
+                    import_err(
+                        tarball,
+                        format!("symlink {:?} points outside the archive", name),
+                    )
                 })?;
                 std::fs::write(
                     work.join(format!(".link-{}", rel.to_string_lossy().replace('/', "%"))),
@@ -300,12 +307,20 @@ fn read_images(tarball: &Path, work: &Path) -> Result<Vec<Found>, ImageError> {
     Ok(found)
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(tarball: &Path, path: &Path) -> Result<(Vec<u8>, T), ImageError> {
+fn read_json<T: for<'de> Deserialize<'de>>(
+    tarball: &Path,
+    path: &Path,
+) -> Result<(Vec<u8>, T), ImageError> {
     let bytes = std::fs::read(path).ctx("read", path)?;
     let v = serde_json::from_slice(&bytes).map_err(|e| {
         import_err(
             tarball,
-            format!("{}: {e}", path.strip_prefix(path.parent().unwrap_or(path)).unwrap_or(path).display()),
+            format!(
+                "{}: {e}",
+                path.strip_prefix(path.parent().unwrap_or(path))
+                    .unwrap_or(path)
+                    .display()
+            ),
         )
     })?;
     Ok((bytes, v))
@@ -335,7 +350,8 @@ fn file_digest(path: &Path) -> Result<(String, u64), ImageError> {
 }
 
 fn read_docker_archive(tarball: &Path, work: &Path) -> Result<Vec<Found>, ImageError> {
-    let (_, entries): (_, Vec<DockerManifestEntry>) = read_json(tarball, &work.join("manifest.json"))?;
+    let (_, entries): (_, Vec<DockerManifestEntry>) =
+        read_json(tarball, &work.join("manifest.json"))?;
     let mut out = Vec::new();
     for e in entries {
         let config_path = archive_file(work, &e.config)?;
@@ -345,7 +361,12 @@ fn read_docker_archive(tarball: &Path, work: &Path) -> Result<Vec<Found>, ImageE
         if ids.len() != e.layers.len() {
             return Err(import_err(
                 tarball,
-                format!("{} lists {} layers but its config {}", e.config, e.layers.len(), ids.len()),
+                format!(
+                    "{} lists {} layers but its config {}",
+                    e.config,
+                    e.layers.len(),
+                    ids.len()
+                ),
             ));
         }
         let mut layers = Vec::new();
@@ -396,7 +417,10 @@ fn oci_blob(tarball: &Path, work: &Path, digest: &str) -> Result<PathBuf, ImageE
     let hex = reference::check_digest(digest)?;
     let p = work.join("blobs/sha256").join(hex);
     if !p.is_file() {
-        return Err(import_err(tarball, format!("OCI layout lacks blob {digest}")));
+        return Err(import_err(
+            tarball,
+            format!("OCI layout lacks blob {digest}"),
+        ));
     }
     Ok(p)
 }
@@ -428,8 +452,13 @@ fn read_oci_layout(tarball: &Path, work: &Path) -> Result<Vec<Found>, ImageError
             let child = nested
                 .manifests
                 .into_iter()
-                .find(|m| m.media_type == MEDIA_OCI_MANIFEST || m.media_type == pull::MEDIA_DOCKER_MANIFEST)
-                .ok_or_else(|| import_err(tarball, format!("index {digest} holds no image manifest")))?;
+                .find(|m| {
+                    m.media_type == MEDIA_OCI_MANIFEST
+                        || m.media_type == pull::MEDIA_DOCKER_MANIFEST
+                })
+                .ok_or_else(|| {
+                    import_err(tarball, format!("index {digest} holds no image manifest"))
+                })?;
             index_blob = Some((digest.clone(), idx_bytes));
             digest = child.digest;
             media_type = child.media_type;
@@ -444,7 +473,10 @@ fn read_oci_layout(tarball: &Path, work: &Path) -> Result<Vec<Found>, ImageError
         content::verify(&m.config.digest, &config, "config in OCI layout")?;
         let ids = diff_ids(tarball, &config)?;
         if ids.len() != m.layers.len() {
-            return Err(import_err(tarball, format!("manifest {digest}: layers and diff_ids differ in number")));
+            return Err(import_err(
+                tarball,
+                format!("manifest {digest}: layers and diff_ids differ in number"),
+            ));
         }
         let mut layers = Vec::new();
         let mut files = Vec::new();
@@ -484,8 +516,14 @@ mod tests {
 
     #[test]
     fn archive_names_stay_inside() {
-        assert_eq!(plain_relative(Path::new("a/./b")), Some(PathBuf::from("a/b")));
-        assert_eq!(plain_relative(Path::new("a/../b")), Some(PathBuf::from("b")));
+        assert_eq!(
+            plain_relative(Path::new("a/./b")),
+            Some(PathBuf::from("a/b"))
+        );
+        assert_eq!(
+            plain_relative(Path::new("a/../b")),
+            Some(PathBuf::from("b"))
+        );
         assert_eq!(plain_relative(Path::new("../b")), None);
         assert_eq!(plain_relative(Path::new("/etc/passwd")), None);
         assert_eq!(plain_relative(Path::new(".")), None);
@@ -495,7 +533,11 @@ mod tests {
     fn garbage_is_not_an_archive() {
         let dir = tempfile::tempdir().unwrap();
         let t = dir.path().join("x.tar");
-        std::fs::write(&t, b"this is not a tarball at all, not even close............").unwrap();
+        std::fs::write(
+            &t,
+            b"this is not a tarball at all, not even close............",
+        )
+        .unwrap();
         let work = dir.path().join("w");
         std::fs::create_dir(&work).unwrap();
         let e = extract_archive(&t, &work).and_then(|()| read_images(&t, &work));

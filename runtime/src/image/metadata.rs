@@ -108,7 +108,12 @@ impl MetaStore {
                 })?;
             out.push(rec);
         }
-        out.sort_by(|a, b| a.repo_tags.first().cmp(&b.repo_tags.first()).then(a.id.cmp(&b.id)));
+        out.sort_by(|a, b| {
+            a.repo_tags
+                .first()
+                .cmp(&b.repo_tags.first())
+                .then(a.id.cmp(&b.id))
+        });
         Ok(out)
     }
 
@@ -158,7 +163,10 @@ fn merge_names(into: &mut Vec<String>, from: &[String]) {
 /// Finds the image a user's string names: a full id, an id prefix of at least 4 hex digits
 /// (unambiguous), a tag (normalized: `busybox` = `docker.io/library/busybox:latest`) or a repo
 /// digest.
-pub fn resolve<'a>(records: &'a [ImageRecord], name: &str) -> Result<Option<&'a ImageRecord>, ImageError> {
+pub fn resolve<'a>(
+    records: &'a [ImageRecord],
+    name: &str,
+) -> Result<Option<&'a ImageRecord>, ImageError> {
     let name = name.trim();
     if let Some(r) = records.iter().find(|r| r.id == name) {
         return Ok(Some(r));
@@ -183,12 +191,11 @@ pub fn resolve<'a>(records: &'a [ImageRecord], name: &str) -> Result<Option<&'a 
     let Ok(parsed) = reference::parse(name) else {
         return Ok(None);
     };
-    if let Some(tag) = reference::tag_name(&parsed) {
-        if let Some(r) = records.iter().find(|r| r.repo_tags.contains(&tag)) {
-            if parsed.digest().is_none() {
-                return Ok(Some(r));
-            }
-        }
+    if let Some(tag) = reference::tag_name(&parsed)
+        && let Some(r) = records.iter().find(|r| r.repo_tags.contains(&tag))
+        && parsed.digest().is_none()
+    {
+        return Ok(Some(r));
     }
     if let Some(d) = parsed.digest() {
         let full = reference::digest_name(&parsed, d);
@@ -222,13 +229,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = MetaStore::open(dir.path()).unwrap();
         let tag = "docker.io/library/busybox:latest";
-        m.upsert(rec('a', &[tag, "docker.io/library/busybox:1"])).unwrap();
+        m.upsert(rec('a', &[tag, "docker.io/library/busybox:1"]))
+            .unwrap();
         m.upsert(rec('b', &[tag])).unwrap();
         let all = m.load_all().unwrap();
         let a = all.iter().find(|r| r.id.contains("aaaa")).unwrap();
         assert_eq!(a.repo_tags, vec!["docker.io/library/busybox:1"]);
-        assert_eq!(resolve(&all, "busybox").unwrap().unwrap().id, rec('b', &[]).id);
-        assert_eq!(resolve(&all, "busybox:1").unwrap().unwrap().id, rec('a', &[]).id);
+        assert_eq!(
+            resolve(&all, "busybox").unwrap().unwrap().id,
+            rec('b', &[]).id
+        );
+        assert_eq!(
+            resolve(&all, "busybox:1").unwrap().unwrap().id,
+            rec('a', &[]).id
+        );
     }
 
     #[test]

@@ -79,7 +79,10 @@ pub enum ImageError {
         media_type: String,
     },
     #[error("image {reference}: no linux/amd64 image in its index (has: {available})")]
-    NoMatchingPlatform { reference: String, available: String },
+    NoMatchingPlatform {
+        reference: String,
+        available: String,
+    },
     #[error("image {reference}: malformed {what}: {reason}")]
     Malformed {
         reference: String,

@@ -461,7 +461,10 @@ pub(super) fn unpack_stream(
         digest: layer.digest.clone(),
         source: match e.downcast::<unpack::UnpackError>() {
             Ok(u) => u,
-            Err(e) => unpack::UnpackError::Archive { entries: 0, source: e },
+            Err(e) => unpack::UnpackError::Archive {
+                entries: 0,
+                source: e,
+            },
         },
     };
     let diff_id = unpacked.map_err(unpack_err)?;
@@ -501,9 +504,11 @@ impl Ctx {
         let registry = self.registry.clone();
         let reason = e.to_string();
         match &e {
-            OciDistributionError::ImageManifestNotFoundError(_) => {
-                ImageError::NotFoundInRegistry { reference, registry, reason }
-            }
+            OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFoundInRegistry {
+                reference,
+                registry,
+                reason,
+            },
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
                 if codes.iter().any(|c| {
@@ -514,26 +519,46 @@ impl Ctx {
                             | OciErrorCode::BlobUnknown
                     )
                 }) {
-                    ImageError::NotFoundInRegistry { reference, registry, reason }
+                    ImageError::NotFoundInRegistry {
+                        reference,
+                        registry,
+                        reason,
+                    }
                 } else if codes
                     .iter()
                     .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
                 {
-                    ImageError::Unauthorized { reference, registry, reason }
+                    ImageError::Unauthorized {
+                        reference,
+                        registry,
+                        reason,
+                    }
                 } else {
-                    ImageError::Registry { reference, registry, reason }
+                    ImageError::Registry {
+                        reference,
+                        registry,
+                        reason,
+                    }
                 }
             }
             OciDistributionError::AuthenticationFailure(_)
-            | OciDistributionError::UnauthorizedError { .. } => {
-                ImageError::Unauthorized { reference, registry, reason }
-            }
+            | OciDistributionError::UnauthorizedError { .. } => ImageError::Unauthorized {
+                reference,
+                registry,
+                reason,
+            },
             OciDistributionError::ServerError { code, .. } if *code == 401 || *code == 403 => {
-                ImageError::Unauthorized { reference, registry, reason }
+                ImageError::Unauthorized {
+                    reference,
+                    registry,
+                    reason,
+                }
             }
-            OciDistributionError::ServerError { code: 404, .. } => {
-                ImageError::NotFoundInRegistry { reference, registry, reason }
-            }
+            OciDistributionError::ServerError { code: 404, .. } => ImageError::NotFoundInRegistry {
+                reference,
+                registry,
+                reason,
+            },
             OciDistributionError::RequestError(re) if re.is_connect() || re.is_timeout() => {
                 ImageError::Unreachable {
                     reference,
@@ -549,7 +574,11 @@ impl Ctx {
                 expected: expected.clone(),
                 actual: actual.clone(),
             },
-            _ => ImageError::Registry { reference, registry, reason },
+            _ => ImageError::Registry {
+                reference,
+                registry,
+                reason,
+            },
         }
     }
 
@@ -596,14 +625,14 @@ async fn resolve(
         .map_err(|e| ctx.map(e))?;
     let bytes = bytes.to_vec();
     let digest = content::sha256_digest(&bytes);
-    if let Some(want) = original.digest() {
-        if want != digest {
-            return Err(ImageError::DigestMismatch {
-                what: format!("manifest of {}", ctx.reference),
-                expected: want.to_owned(),
-                actual: digest,
-            });
-        }
+    if let Some(want) = original.digest()
+        && want != digest
+    {
+        return Err(ImageError::DigestMismatch {
+            what: format!("manifest of {}", ctx.reference),
+            expected: want.to_owned(),
+            actual: digest,
+        });
     }
     let parsed = parse_manifest(&bytes, ctx)?;
     let (index, manifest_bytes, manifest_digest, manifest) = if parsed.manifests.is_some() {
@@ -614,7 +643,11 @@ async fn resolve(
             .await
             .map_err(|e| ctx.map(e))?;
         let child_bytes = child_bytes.to_vec();
-        content::verify(&child, &child_bytes, &format!("manifest of {}", ctx.reference))?;
+        content::verify(
+            &child,
+            &child_bytes,
+            &format!("manifest of {}", ctx.reference),
+        )?;
         let m = parse_manifest(&child_bytes, ctx)?;
         if m.manifests.is_some() {
             return Err(ImageError::Malformed {
@@ -651,11 +684,12 @@ async fn resolve(
         .await
         .map_err(|e| ctx.map(e))?;
     content::verify(&config_desc.digest, &config, "image config")?;
-    let rootfs: ConfigRootfs = serde_json::from_slice(&config).map_err(|e| ImageError::Malformed {
-        reference: ctx.reference.clone(),
-        what: "config",
-        reason: e.to_string(),
-    })?;
+    let rootfs: ConfigRootfs =
+        serde_json::from_slice(&config).map_err(|e| ImageError::Malformed {
+            reference: ctx.reference.clone(),
+            what: "config",
+            reason: e.to_string(),
+        })?;
     let layers = layer_records(&ctx.reference, layer_descs, rootfs.rootfs.diff_ids)?;
     Ok(Resolved {
         manifest: manifest_bytes,
@@ -721,14 +755,14 @@ fn parse_manifest(bytes: &[u8], ctx: &Ctx) -> Result<Manifest, ImageError> {
             media_type: format!("schemaVersion {}", m.schema_version),
         });
     }
-    if let Some(mt) = &m.media_type {
-        if !ACCEPTED.contains(&mt.as_str()) {
-            return Err(ImageError::UnsupportedMediaType {
-                reference: ctx.reference.clone(),
-                what: "manifest",
-                media_type: mt.clone(),
-            });
-        }
+    if let Some(mt) = &m.media_type
+        && !ACCEPTED.contains(&mt.as_str())
+    {
+        return Err(ImageError::UnsupportedMediaType {
+            reference: ctx.reference.clone(),
+            what: "manifest",
+            media_type: mt.clone(),
+        });
     }
     Ok(m)
 }
@@ -819,7 +853,10 @@ mod tests {
         let arm_only = json.replace("amd64", "s390x");
         let m = parse_manifest(arm_only.as_bytes(), &ctx()).unwrap();
         let e = choose_platform(&m, &ctx()).unwrap_err().to_string();
-        assert!(e.contains("linux/arm64") && e.contains("linux/s390x"), "{e}");
+        assert!(
+            e.contains("linux/arm64") && e.contains("linux/s390x"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -843,7 +880,11 @@ mod tests {
             platform: None,
         };
         let e = layer_records("r", vec![desc(GZIP)], vec![]);
-        assert!(e.unwrap_err().to_string().contains("1 layers in the manifest but 0"));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("1 layers in the manifest but 0")
+        );
         let e = layer_records("r", vec![desc("application/x-weird")], vec![d('b')]);
         assert!(matches!(e, Err(ImageError::UnsupportedMediaType { .. })));
         let ok = layer_records("r", vec![desc(GZIP)], vec![d('b')]);

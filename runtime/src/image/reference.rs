@@ -72,7 +72,10 @@ mod tests {
         assert_eq!(tag_name(&r).unwrap(), "docker.io/library/busybox:latest");
         let r = parse("127.0.0.1:5000/test/busybox:v1").unwrap();
         assert_eq!(tag_name(&r).unwrap(), "127.0.0.1:5000/test/busybox:v1");
-        assert_eq!(normalize_tag("busybox:1").unwrap(), "docker.io/library/busybox:1");
+        assert_eq!(
+            normalize_tag("busybox:1").unwrap(),
+            "docker.io/library/busybox:1"
+        );
     }
 
     #[test]

@@ -145,7 +145,9 @@ pub fn parse_endpoint(url: &str) -> Result<Endpoint, ImageError> {
     let host = rest.trim_end_matches('/');
     if host.is_empty() || host.contains('/') || host.contains('?') {
         return Err(ImageError::Config {
-            reason: format!("registry mirror URL {url:?}: expected http(s)://HOST[:PORT] with no path"),
+            reason: format!(
+                "registry mirror URL {url:?}: expected http(s)://HOST[:PORT] with no path"
+            ),
         });
     }
     Ok(Endpoint {
@@ -162,14 +164,24 @@ mod tests {
     fn mirrors_come_before_the_registry() {
         let mut o = RegistryOptions::default();
         o.add_mirror_arg("docker.io=http://127.0.0.1:5000").unwrap();
-        o.add_mirror_arg("docker.io=https://mirror.example").unwrap();
+        o.add_mirror_arg("docker.io=https://mirror.example")
+            .unwrap();
         let eps = o.endpoints("docker.io");
         assert_eq!(
             eps,
             vec![
-                Endpoint { host: "127.0.0.1:5000".into(), plain_http: true },
-                Endpoint { host: "mirror.example".into(), plain_http: false },
-                Endpoint { host: "docker.io".into(), plain_http: false },
+                Endpoint {
+                    host: "127.0.0.1:5000".into(),
+                    plain_http: true
+                },
+                Endpoint {
+                    host: "mirror.example".into(),
+                    plain_http: false
+                },
+                Endpoint {
+                    host: "docker.io".into(),
+                    plain_http: false
+                },
             ]
         );
         assert_eq!(o.endpoints("quay.io").len(), 1);

@@ -121,11 +121,11 @@ impl TmpSnapshot {
 
     /// Renames the finished snapshot into place.
     pub fn commit(mut self) -> Result<PathBuf, ImageError> {
-        if let Some(tmp) = self.tmp.take() {
-            if let Err(e) = std::fs::rename(&tmp, &self.target) {
-                let _ = fsutil::remove_dir_all_if_exists(&tmp);
-                return Err(FsError::new("commit snapshot", &self.target, e).into());
-            }
+        if let Some(tmp) = self.tmp.take()
+            && let Err(e) = std::fs::rename(&tmp, &self.target)
+        {
+            let _ = fsutil::remove_dir_all_if_exists(&tmp);
+            return Err(FsError::new("commit snapshot", &self.target, e).into());
         }
         Ok(self.target.clone())
     }
