@@ -2,6 +2,8 @@
 //! Flags given on the command line are applied on top of it by each subcommand.
 //!
 //! ```toml
+//! [images]
+//! keep_layer_blobs = false                 # keep compressed layers after unpacking
 //! [registry]
 //! insecure = ["127.0.0.1:5000"]            # plain-HTTP registries
 //! max_concurrent_downloads = 4
@@ -14,7 +16,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use keel_runtime::image::RegistryOptions;
+use keel_runtime::image::{RegistryOptions, StoreOptions};
 use serde::Deserialize;
 
 /// Where keel looks for its config when `--config` is not given.
@@ -23,6 +25,7 @@ pub const DEFAULT_PATH: &str = "/etc/keel/config.toml";
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    pub images: StoreOptions,
     pub registry: RegistryOptions,
 }
 

@@ -40,9 +40,18 @@ enum Command {
     /// Manage images: pull, list, inspect, remove, import, prune.
     #[command(subcommand)]
     Image(cli::image::ImageCommand),
+    /// Manage containers: run, create, start, exec, logs, ls, inspect, stop, rm, stats.
+    #[command(subcommand)]
+    Ctr(cli::ctr::CtrCommand),
+    /// CNI plugin tasks: install the keel-cni binary and a conflist.
+    Cni(cli::cni::CniArgs),
 }
 
 fn main() -> ExitCode {
+    // The container monitor and exec helper are this binary re-executed (`keel __monitor`).
+    if let Some(code) = keel_runtime::container::monitor::hidden_main() {
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
@@ -52,6 +61,8 @@ fn main() -> ExitCode {
         let config = config::Config::load(cli.config.as_deref())?;
         match cli.command {
             Command::Image(cmd) => cli::image::run(&cli.root, &config, cmd),
+            Command::Ctr(cmd) => cli::ctr::run(&cli.root, &config, cmd),
+            Command::Cni(args) => cli::cni::run(args).map(|()| ExitCode::SUCCESS),
         }
     })();
     match result {

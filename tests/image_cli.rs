@@ -25,6 +25,20 @@ fn ok(mut c: Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `keel --root ROOT ARGS...`, which must succeed; its stdout.
+fn keel_ok(root: &Path, args: &[&str]) -> String {
+    let mut c = keel(root);
+    c.args(args);
+    ok(c)
+}
+
+/// `keel --root ROOT ARGS...`, which must fail.
+fn keel_fails(root: &Path, args: &[&str]) -> Output {
+    let mut c = keel(root);
+    c.args(args);
+    fails(c)
+}
+
 fn fails(mut c: Command) -> Output {
     let out = c.output().unwrap();
     assert!(!out.status.success(), "{c:?} should fail");
@@ -76,14 +90,8 @@ fn pull_killed_midway_then_retried_succeeds() {
     let mut child = first.spawn().unwrap();
     let ingest = root.path().join("images/content/ingest");
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let partial: u64 = files_with_suffix(&ingest, ".partial")
-            .iter()
-            .map(|f| f.1)
-            .sum();
-        if partial > 1024 * 1024 {
-            break;
-        }
+    // midway: more than 1 MiB of the ~50 MiB went through the proxy
+    while proxy.bytes_to_client() < 1024 * 1024 {
         assert!(Instant::now() < deadline, "pull never got going");
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -95,25 +103,20 @@ fn pull_killed_midway_then_retried_succeeds() {
     child.wait().unwrap();
 
     // nothing is recorded, nothing half-written looks complete
-    let ls = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "ls", "--quiet"]);
-        c
-    });
+    let ls = keel_ok(root.path(), &["image", "ls", "--quiet"]);
     assert_eq!(ls.trim(), "", "a killed pull must not record an image");
 
     proxy.set_rate(1024 * 1024 * 1024);
-    let out = ok({
-        let mut c = keel(root.path());
-        c.args([
+    let out = keel_ok(
+        root.path(),
+        &[
             "image",
             "pull",
             "--insecure-registry",
             &proxy.host(),
             &reference,
-        ]);
-        c
-    });
+        ],
+    );
     assert!(out.contains("pulled"), "{out}");
     assert!(files_with_suffix(&ingest, ".partial").is_empty());
     let snaps = root.path().join("images/snapshots");
@@ -125,11 +128,7 @@ fn pull_killed_midway_then_retried_succeeds() {
         "work dirs left in {}",
         snaps.display()
     );
-    let ls = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "ls"]);
-        c
-    });
+    let ls = keel_ok(root.path(), &["image", "ls"]);
     assert!(ls.contains(&reference), "{ls}");
 }
 
@@ -142,17 +141,12 @@ fn mirrors_serve_docker_hub_names_from_flags_and_config() {
     push(&reg, Variant::Single, "library/busybox", "latest");
     let root = StateRoot::new().unwrap();
     let mirror = format!("docker.io=http://{}", reg.host());
-    let out = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "pull", "--registry-mirror", &mirror, "busybox"]);
-        c
-    });
+    let out = keel_ok(
+        root.path(),
+        &["image", "pull", "--registry-mirror", &mirror, "busybox"],
+    );
     assert!(out.contains("1 layers downloaded"), "{out}");
-    let ls = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "ls"]);
-        c
-    });
+    let ls = keel_ok(root.path(), &["image", "ls"]);
     assert!(ls.contains("docker.io/library/busybox:latest"), "{ls}");
 
     // the same through the config file, into a fresh root
@@ -197,45 +191,39 @@ fn ls_inspect_rm_import_prune_and_clear_errors() {
     push(&reg, Variant::Multi, "test/multi", "v1");
     let root = StateRoot::new().unwrap();
     let reference = format!("{}/test/multi:v1", reg.host());
-    let pulled = ok({
-        let mut c = keel(root.path());
-        c.args([
+    let pulled = keel_ok(
+        root.path(),
+        &[
             "image",
             "pull",
             "--insecure-registry",
             &reg.host(),
             &reference,
-        ]);
-        c
-    });
+        ],
+    );
     // not a terminal: plain progress lines
     assert!(
         pulled.contains("resolved sha256:") && pulled.contains(": done"),
         "{pulled}"
     );
 
-    let inspect = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "inspect", &reference]);
-        c
-    });
+    let inspect = keel_ok(root.path(), &["image", "inspect", &reference]);
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(v["config"]["config"]["User"], "keel");
     assert_eq!(v["image"]["layers"].as_array().unwrap().len(), 3);
 
     // unknown tag in the registry: exit non-zero, name the image and the cause
     let missing = format!("{}/test/multi:nope", reg.host());
-    let out = fails({
-        let mut c = keel(root.path());
-        c.args([
+    let out = keel_fails(
+        root.path(),
+        &[
             "image",
             "pull",
             "--insecure-registry",
             &reg.host(),
             &missing,
-        ]);
-        c
-    });
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&missing) && err.contains("not found"), "{err}");
 
@@ -252,29 +240,13 @@ fn ls_inspect_rm_import_prune_and_clear_errors() {
     });
     assert!(out.contains("docker.io/keel/single:v2"), "{out}");
 
-    let out = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "rm", &reference]);
-        c
-    });
+    let out = keel_ok(root.path(), &["image", "rm", &reference]);
     assert!(out.contains("Deleted: sha256:"), "{out}");
-    let out = fails({
-        let mut c = keel(root.path());
-        c.args(["image", "rm", &reference]);
-        c
-    });
+    let out = keel_fails(root.path(), &["image", "rm", &reference]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 
-    let out = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "prune", "--all"]);
-        c
-    });
+    let out = keel_ok(root.path(), &["image", "prune", "--all"]);
     assert!(out.contains("removed 1 images"), "{out}");
-    let ls = ok({
-        let mut c = keel(root.path());
-        c.args(["image", "ls", "--quiet"]);
-        c
-    });
+    let ls = keel_ok(root.path(), &["image", "ls", "--quiet"]);
     assert_eq!(ls.trim(), "");
 }

@@ -1,4 +1,20 @@
 //! keel-cluster: the store trait with its redb and etcd backends, the Kubernetes-compatible API
 //! server, the scheduler and the controllers.
 //!
-//! Filled by the control plane and standalone cluster issues.
+//! Today it holds the store ([`store`]); the API server, scheduler and controllers follow in the
+//! control plane and standalone cluster issues. Each module has its own error enum, gathered
+//! here into [`Error`].
+
+pub mod store;
+
+pub use store::{
+    Deleted, EtcdStore, GetResult, KeyValue, ListOptions, ListPage, RedbOptions, RedbStore, Store,
+    StoreConfig, StoreError, WatchEvent, WatchOptions, WatchStream,
+};
+
+/// Every error of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

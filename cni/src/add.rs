@@ -12,7 +12,10 @@ use crate::{Error, bridge, ipam_store, masquerade, netns, veth};
 
 /// Attaches the container; returns the result to print (merged with any `prevResult`).
 pub fn add(inv: &Invocation, net: &Network) -> Result<CniResult, Error> {
-    let netns_path = inv.netns.as_deref().ok_or(crate::protocol::ProtocolError::MissingEnv("CNI_NETNS"))?;
+    let netns_path = inv
+        .netns
+        .as_deref()
+        .ok_or(crate::protocol::ProtocolError::MissingEnv("CNI_NETNS"))?;
     let pod_ns = netns::open(netns_path)?;
     let requested = net.requested_with_args(&inv.args)?;
     let prev = match &net.prev_result {
@@ -52,8 +55,16 @@ pub fn add(inv: &Invocation, net: &Network) -> Result<CniResult, Error> {
     let ours = CniResult {
         cni_version: net.cni_version.clone(),
         interfaces: vec![
-            Interface { name: bridge_link.name.clone(), mac: bridge_link.mac.clone(), ..Default::default() },
-            Interface { name: host_link.name.clone(), mac: host_link.mac.clone(), ..Default::default() },
+            Interface {
+                name: bridge_link.name.clone(),
+                mac: bridge_link.mac.clone(),
+                ..Default::default()
+            },
+            Interface {
+                name: host_link.name.clone(),
+                mac: host_link.mac.clone(),
+                ..Default::default()
+            },
             Interface {
                 name: pod_link.name.clone(),
                 mac: pod_link.mac.clone(),

@@ -67,13 +67,17 @@ pub fn ensure(nl: &mut Netlink, net: &Network) -> Result<Link, BridgeError> {
         Some(l) => l,
         None => {
             nl.create_bridge(&net.bridge, net.mtu, bridge_mac(&net.bridge))?;
-            nl.link_by_name(&net.bridge)?.ok_or_else(|| BridgeError::Vanished(net.bridge.clone()))?
+            nl.link_by_name(&net.bridge)?
+                .ok_or_else(|| BridgeError::Vanished(net.bridge.clone()))?
         }
     };
     if let Some(kind) = &link.kind
         && kind != "bridge"
     {
-        return Err(BridgeError::NotABridge { name: net.bridge.clone(), kind: kind.clone() });
+        return Err(BridgeError::NotABridge {
+            name: net.bridge.clone(),
+            kind: kind.clone(),
+        });
     }
     let mut flags = LinkFlags::empty();
     if !link.up {
@@ -91,16 +95,26 @@ pub fn ensure(nl: &mut Netlink, net: &Network) -> Result<Link, BridgeError> {
         for gw in gateways.iter().filter(|g| !have.contains(g)) {
             nl.add_address(link.index, *gw)?;
         }
-        enable_forwarding(gateways.iter().any(|g| g.addr().is_ipv4()), gateways.iter().any(|g| g.addr().is_ipv6()))?;
+        enable_forwarding(
+            gateways.iter().any(|g| g.addr().is_ipv4()),
+            gateways.iter().any(|g| g.addr().is_ipv6()),
+        )?;
     }
     Ok(link)
 }
 
 /// A locally administered unicast MAC, unique enough per node: bridges never leave the node.
 pub fn bridge_mac(name: &str) -> [u8; 6] {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes().chain(nanos.to_le_bytes()).chain(std::process::id().to_le_bytes()) {
+    for b in name
+        .bytes()
+        .chain(nanos.to_le_bytes())
+        .chain(std::process::id().to_le_bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -109,10 +123,16 @@ pub fn bridge_mac(name: &str) -> [u8; 6] {
 }
 
 fn set_sysctl(path: &str) -> Result<(), BridgeError> {
-    if std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false) {
+    if std::fs::read_to_string(path)
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false)
+    {
         return Ok(());
     }
-    std::fs::write(path, "1").map_err(|source| BridgeError::Sysctl { path: path.to_string(), source })
+    std::fs::write(path, "1").map_err(|source| BridgeError::Sysctl {
+        path: path.to_string(),
+        source,
+    })
 }
 
 /// Pods route through the gateway, so the node must forward (as the reference plugin does).

@@ -55,11 +55,15 @@ pub fn check(inv: &Invocation, net: &Network) -> Result<(), Error> {
     let host_if = veth::host_name(&inv.container_id, &inv.ifname);
     let bridge = host.link_by_name(&net.bridge)?;
     let host_link = host.link_by_name(&host_if)?;
-    let plugged = matches!((&bridge, &host_link), (Some(b), Some(h)) if h.master == Some(b.index) && h.up);
+    let plugged =
+        matches!((&bridge, &host_link), (Some(b), Some(h)) if h.master == Some(b.index) && h.up);
     if !plugged {
         return Err(CheckError::HostVeth(host_if, net.bridge.clone()).into());
     }
-    let netns_path = inv.netns.as_deref().ok_or(crate::protocol::ProtocolError::MissingEnv("CNI_NETNS"))?;
+    let netns_path = inv
+        .netns
+        .as_deref()
+        .ok_or(crate::protocol::ProtocolError::MissingEnv("CNI_NETNS"))?;
     let pod_ns = netns::open(netns_path)?;
     let mut pod = netns::netlink_in(pod_ns.as_fd())?;
     let pod_link = match pod.link_by_name(&inv.ifname)? {
@@ -67,8 +71,15 @@ pub fn check(inv: &Invocation, net: &Network) -> Result<(), Error> {
         _ => return Err(CheckError::PodInterface(inv.ifname.clone()).into()),
     };
     let have = pod.addresses(pod_link.index)?;
-    let our_index = prev.interfaces.iter().position(|i| i.name == inv.ifname && i.sandbox.is_some());
-    for ip in prev.ips.iter().filter(|ip| our_index.is_none() || ip.interface == our_index) {
+    let our_index = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == inv.ifname && i.sandbox.is_some());
+    for ip in prev
+        .ips
+        .iter()
+        .filter(|ip| our_index.is_none() || ip.interface == our_index)
+    {
         if !have.contains(&ip.address) {
             return Err(CheckError::Address(ip.address).into());
         }
@@ -79,7 +90,11 @@ pub fn check(inv: &Invocation, net: &Network) -> Result<(), Error> {
         }
     }
     for v4 in [true, false] {
-        let wanted: Vec<_> = prev.routes.iter().filter(|r| r.dst.addr().is_ipv4() == v4).collect();
+        let wanted: Vec<_> = prev
+            .routes
+            .iter()
+            .filter(|r| r.dst.addr().is_ipv4() == v4)
+            .collect();
         if wanted.is_empty() {
             continue;
         }

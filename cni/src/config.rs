@@ -32,7 +32,9 @@ pub enum ConfigError {
     #[error("plugin type {0:?} is not handled by keel-cni (expected \"keel-cni\")")]
     UnknownType(String),
     /// `ipam.type` names another IPAM plugin.
-    #[error("ipam type {0:?} is not supported (built-in IPAM answers to keel-cni, keel, host-local)")]
+    #[error(
+        "ipam type {0:?} is not supported (built-in IPAM answers to keel-cni, keel, host-local)"
+    )]
     UnknownIpamType(String),
     /// A required key is missing or empty.
     #[error("network config field {0} is required")]
@@ -288,13 +290,15 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, reason: reason.into() }
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
 }
 
 /// Validates a raw config into a [`Network`].
 pub fn validate(conf: NetConf) -> Result<Network, ConfigError> {
-    let cni_version =
-        crate::protocol::negotiate(conf.cni_version.as_deref(), &conf.cni_versions)?;
+    let cni_version = crate::protocol::negotiate(conf.cni_version.as_deref(), &conf.cni_versions)?;
     if conf.plugin_type.is_empty() {
         return Err(ConfigError::Missing("type"));
     }
@@ -318,7 +322,10 @@ pub fn validate(conf: NetConf) -> Result<Network, ConfigError> {
         && b != "nftables"
         && b != "iptables"
     {
-        return Err(invalid("ipMasqBackend", format!("{b:?} is neither nftables nor iptables")));
+        return Err(invalid(
+            "ipMasqBackend",
+            format!("{b:?} is neither nftables nor iptables"),
+        ));
     }
     let ipam = conf.ipam.unwrap_or_default();
     if !ipam.ipam_type.is_empty() && !IPAM_TYPES.contains(&ipam.ipam_type.as_str()) {
@@ -347,7 +354,10 @@ pub fn validate(conf: NetConf) -> Result<Network, ConfigError> {
     for raw in raw_requested {
         requested.push(parse_requested(raw)?);
     }
-    let data_dir = ipam.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)).join(&conf.name);
+    let data_dir = ipam
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+        .join(&conf.name);
     Ok(Network {
         cni_version,
         name: conf.name,
@@ -373,14 +383,18 @@ pub fn validate(conf: NetConf) -> Result<Network, ConfigError> {
 /// Parses a requested address, accepting `10.1.0.5` and `10.1.0.5/24`.
 pub fn parse_requested(raw: &str) -> Result<IpAddr, ConfigError> {
     let addr = raw.split('/').next().unwrap_or(raw);
-    addr.parse().map_err(|_| invalid("ips", format!("{raw:?} is not an IP address")))
+    addr.parse()
+        .map_err(|_| invalid("ips", format!("{raw:?} is not an IP address")))
 }
 
 fn validate_range_set(set: &[RangeConf]) -> Result<Vec<Range>, ConfigError> {
     if set.is_empty() {
         return Err(invalid("ipam.ranges", "a range set is empty"));
     }
-    let ranges = set.iter().map(validate_range).collect::<Result<Vec<_>, _>>()?;
+    let ranges = set
+        .iter()
+        .map(validate_range)
+        .collect::<Result<Vec<_>, _>>()?;
     let v4 = ranges[0].subnet.addr().is_ipv4();
     if ranges.iter().any(|r| r.subnet.addr().is_ipv4() != v4) {
         return Err(invalid("ipam.ranges", "a range set mixes IPv4 and IPv6"));
@@ -392,7 +406,10 @@ fn validate_range(r: &RangeConf) -> Result<Range, ConfigError> {
     let subnet = r.subnet.trunc();
     let host_bits = subnet.max_prefix_len() - subnet.prefix_len();
     if host_bits < 2 {
-        return Err(invalid("ipam.ranges.subnet", format!("{subnet} is too small to allocate from")));
+        return Err(invalid(
+            "ipam.ranges.subnet",
+            format!("{subnet} is too small to allocate from"),
+        ));
     }
     let first = crate::ipam::offset(subnet.network(), 1);
     let last = if subnet.addr().is_ipv4() {
@@ -403,15 +420,30 @@ fn validate_range(r: &RangeConf) -> Result<Range, ConfigError> {
     let start = r.range_start.unwrap_or(first);
     let end = r.range_end.unwrap_or(last);
     let gateway = r.gateway.unwrap_or(first);
-    for (field, ip) in [("rangeStart", start), ("rangeEnd", end), ("gateway", gateway)] {
+    for (field, ip) in [
+        ("rangeStart", start),
+        ("rangeEnd", end),
+        ("gateway", gateway),
+    ] {
         if !subnet.contains(&ip) {
-            return Err(invalid("ipam.ranges", format!("{field} {ip} is outside {subnet}")));
+            return Err(invalid(
+                "ipam.ranges",
+                format!("{field} {ip} is outside {subnet}"),
+            ));
         }
     }
     if start > end {
-        return Err(invalid("ipam.ranges", format!("rangeStart {start} is after rangeEnd {end}")));
+        return Err(invalid(
+            "ipam.ranges",
+            format!("rangeStart {start} is after rangeEnd {end}"),
+        ));
     }
-    Ok(Range { subnet, start, end, gateway })
+    Ok(Range {
+        subnet,
+        start,
+        end,
+        gateway,
+    })
 }
 
 fn check_overlaps(sets: &[Vec<Range>]) -> Result<(), ConfigError> {
@@ -430,11 +462,18 @@ fn check_overlaps(sets: &[Vec<Range>]) -> Result<(), ConfigError> {
 impl Network {
     /// The gateway of the first range of the given family, if any.
     pub fn gateway_for(&self, v4: bool) -> Option<IpAddr> {
-        self.range_sets.iter().flatten().find(|r| r.gateway.is_ipv4() == v4).map(|r| r.gateway)
+        self.range_sets
+            .iter()
+            .flatten()
+            .find(|r| r.gateway.is_ipv4() == v4)
+            .map(|r| r.gateway)
     }
 
     /// Requested addresses from config plus `CNI_ARGS` `IP=a,b`.
-    pub fn requested_with_args(&self, args: &HashMap<String, String>) -> Result<Vec<IpAddr>, ConfigError> {
+    pub fn requested_with_args(
+        &self,
+        args: &HashMap<String, String>,
+    ) -> Result<Vec<IpAddr>, ConfigError> {
         let mut out = self.requested.clone();
         if let Some(ips) = args.get("IP") {
             for raw in ips.split(',').filter(|s| !s.is_empty()) {
@@ -494,7 +533,9 @@ mod tests {
         let e = net(r#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#).unwrap_err();
         assert!(matches!(e, ConfigError::UnknownType(_)));
         assert_eq!(e.code(), 7);
-        let e = net(r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni","ipam":{"type":"dhcp"}}"#).unwrap_err();
+        let e =
+            net(r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni","ipam":{"type":"dhcp"}}"#)
+                .unwrap_err();
         assert!(matches!(e, ConfigError::UnknownIpamType(_)));
         let e = net(r#"{"cniVersion":"9.0.0","name":"n","type":"keel-cni"}"#).unwrap_err();
         assert_eq!(e.code(), 1);
@@ -504,8 +545,10 @@ mod tests {
 
     #[test]
     fn overlapping_ranges_rejected() {
-        let e = net(r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni","ipam":{"ranges":[
-            [{"subnet":"10.0.0.0/16"}], [{"subnet":"10.0.5.0/24"}]]}}"#)
+        let e = net(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni","ipam":{"ranges":[
+            [{"subnet":"10.0.0.0/16"}], [{"subnet":"10.0.5.0/24"}]]}}"#,
+        )
         .unwrap_err();
         assert!(matches!(e, ConfigError::OverlappingRanges(..)), "{e}");
         // Same subnet split into disjoint ranges is fine.
@@ -523,7 +566,8 @@ mod tests {
             r#"{"ranges":[[{"subnet":"10.0.0.0/24"},{"subnet":"fd00::/64"}]]}"#,
             r#"{"ranges":[[]]}"#,
         ] {
-            let j = format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"keel-cni","ipam":{ipam}}}"#);
+            let j =
+                format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"keel-cni","ipam":{ipam}}}"#);
             assert_eq!(net(&j).unwrap_err().code(), 7, "{ipam}");
         }
         let e = net(r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni","mtu":20}"#).unwrap_err();
@@ -538,14 +582,21 @@ mod tests {
         .unwrap();
         let mut args = HashMap::new();
         args.insert("IP".to_string(), "10.0.0.9".to_string());
-        let all: Vec<String> = n.requested_with_args(&args).unwrap().iter().map(|i| i.to_string()).collect();
+        let all: Vec<String> = n
+            .requested_with_args(&args)
+            .unwrap()
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
         assert_eq!(all, ["10.0.0.7", "10.0.0.8", "10.0.0.9"]);
     }
 
     #[test]
     fn gc_attachments_and_cni_versions() {
-        let n = net(r#"{"cniVersions":["1.0.0","1.1.0"],"name":"n","type":"keel-cni",
-            "cni.dev/valid-attachments":[{"containerID":"abc","ifname":"eth0"}]}"#)
+        let n = net(
+            r#"{"cniVersions":["1.0.0","1.1.0"],"name":"n","type":"keel-cni",
+            "cni.dev/valid-attachments":[{"containerID":"abc","ifname":"eth0"}]}"#,
+        )
         .unwrap();
         assert_eq!(n.cni_version, "1.1.0");
         assert_eq!(n.valid_attachments.unwrap()[0].container_id, "abc");

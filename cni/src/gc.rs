@@ -27,12 +27,18 @@ pub fn gc(net: &Network) -> Result<GcReport, Error> {
         .into_iter()
         .collect();
     let released = ipam_store::gc(net, &valid)?;
-    let keep: HashSet<String> = valid.iter().map(|a| veth::host_name(&a.container_id, &a.ifname)).collect();
+    let keep: HashSet<String> = valid
+        .iter()
+        .map(|a| veth::host_name(&a.container_id, &a.ifname))
+        .collect();
     let mut host = Netlink::open()?;
     let mut links = Vec::new();
     if let Some(bridge) = host.link_by_name(&net.bridge)? {
         for l in host.links()? {
-            if l.master == Some(bridge.index) && l.name.starts_with(veth::HOST_PREFIX) && !keep.contains(&l.name) {
+            if l.master == Some(bridge.index)
+                && l.name.starts_with(veth::HOST_PREFIX)
+                && !keep.contains(&l.name)
+            {
                 host.delete_link(&l.name)?;
                 links.push(l.name);
             }

@@ -49,7 +49,11 @@ pub struct InstallSpec {
 
 /// The conflist for `spec`.
 pub fn conflist(spec: &InstallSpec) -> serde_json::Value {
-    let ranges: Vec<_> = spec.subnets.iter().map(|s| json!([{ "subnet": s.trunc().to_string() }])).collect();
+    let ranges: Vec<_> = spec
+        .subnets
+        .iter()
+        .map(|s| json!([{ "subnet": s.trunc().to_string() }]))
+        .collect();
     let mut routes = Vec::new();
     if spec.subnets.iter().any(|s| s.addr().is_ipv4()) {
         routes.push(json!({"dst": "0.0.0.0/0"}));
@@ -78,20 +82,34 @@ pub fn conflist(spec: &InstallSpec) -> serde_json::Value {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
-    let err = |op| move |source| InstallError::Io { op, path: path.to_path_buf(), source };
+    let err = |op| {
+        move |source| InstallError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err("create dir for"))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("keel")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("keel")
+    ));
     let mut f = fs::File::create(&tmp).map_err(err("create"))?;
     f.write_all(data).map_err(err("write"))?;
-    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(err("chmod"))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(err("chmod"))?;
     f.sync_all().map_err(err("fsync"))?;
     fs::rename(&tmp, path).map_err(err("rename into"))
 }
 
 /// Installs binary and conflist; returns their paths.
 pub fn install(spec: &InstallSpec) -> Result<(PathBuf, PathBuf), InstallError> {
-    let bin = fs::read(&spec.binary).map_err(|source| InstallError::Io { op: "read", path: spec.binary.clone(), source })?;
+    let bin = fs::read(&spec.binary).map_err(|source| InstallError::Io {
+        op: "read",
+        path: spec.binary.clone(),
+        source,
+    })?;
     let bin_path = spec.bin_dir.join("keel-cni");
     write_atomic(&bin_path, &bin, 0o755)?;
     let conf_path = spec.conf_dir.join(&spec.conflist_name);
@@ -111,7 +129,10 @@ mod tests {
             conf_dir: dir.join("net.d"),
             network: "keel".into(),
             bridge: "keel0".into(),
-            subnets: vec!["10.88.0.0/16".parse().unwrap(), "fd00:88::/64".parse().unwrap()],
+            subnets: vec![
+                "10.88.0.0/16".parse().unwrap(),
+                "fd00:88::/64".parse().unwrap(),
+            ],
             mtu: None,
             ip_masq: true,
             portmap: true,
@@ -124,7 +145,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("src-bin"), b"\x7fELF").unwrap();
         let (bin, conf) = install(&spec(d.path())).unwrap();
-        assert_eq!(fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
         let v: serde_json::Value = serde_json::from_slice(&fs::read(conf).unwrap()).unwrap();
         assert_eq!(v["plugins"][1]["type"], "portmap");
         let mut plugin = v["plugins"][0].clone();

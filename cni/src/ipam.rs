@@ -54,13 +54,20 @@ fn from_u128(v: u128, v4: bool) -> IpAddr {
 /// `ip + delta`, wrapping within the address family.
 pub fn offset(ip: IpAddr, delta: i64) -> IpAddr {
     let v = to_u128(ip);
-    let n = if delta >= 0 { v.wrapping_add(delta as u128) } else { v.wrapping_sub(delta.unsigned_abs() as u128) };
+    let n = if delta >= 0 {
+        v.wrapping_add(delta as u128)
+    } else {
+        v.wrapping_sub(delta.unsigned_abs() as u128)
+    };
     let n = if ip.is_ipv4() { n & 0xffff_ffff } else { n };
     from_u128(n, ip.is_ipv4())
 }
 
 fn describe(set: &[Range]) -> String {
-    set.iter().map(|r| format!("{}-{}", r.start, r.end)).collect::<Vec<_>>().join(",")
+    set.iter()
+        .map(|r| format!("{}-{}", r.start, r.end))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Whether `ip` may be handed out from `range` at all (ignoring what is taken).
@@ -80,18 +87,33 @@ pub fn check_requested(
     let idx = set
         .iter()
         .position(|r| ip >= r.start && ip <= r.end)
-        .ok_or(IpamError::Unavailable { ip, reason: "outside the range set" })?;
+        .ok_or(IpamError::Unavailable {
+            ip,
+            reason: "outside the range set",
+        })?;
     if set.iter().any(|r| r.gateway == ip) {
-        return Err(IpamError::Unavailable { ip, reason: "it is the gateway" });
+        return Err(IpamError::Unavailable {
+            ip,
+            reason: "it is the gateway",
+        });
     }
     if !allocatable(&set[idx], ip) {
-        return Err(IpamError::Unavailable { ip, reason: "network or broadcast address" });
+        return Err(IpamError::Unavailable {
+            ip,
+            reason: "network or broadcast address",
+        });
     }
     if reserved.contains(&ip) {
-        return Err(IpamError::Unavailable { ip, reason: "reserved" });
+        return Err(IpamError::Unavailable {
+            ip,
+            reason: "reserved",
+        });
     }
     if taken.contains(&ip) {
-        return Err(IpamError::Unavailable { ip, reason: "already allocated" });
+        return Err(IpamError::Unavailable {
+            ip,
+            reason: "already allocated",
+        });
     }
     Ok(idx)
 }
@@ -107,12 +129,19 @@ pub fn pick(
         return Err(IpamError::Exhausted(String::new()));
     }
     // Start after `last` when it lies in the set, else at the first range's start.
-    let (mut ri, mut cur) = match last.and_then(|l| set.iter().position(|r| l >= r.start && l <= r.end).map(|i| (i, l))) {
+    let (mut ri, mut cur) = match last.and_then(|l| {
+        set.iter()
+            .position(|r| l >= r.start && l <= r.end)
+            .map(|i| (i, l))
+    }) {
         Some((i, l)) if l < set[i].end => (i, to_u128(l) + 1),
         Some((i, _)) => ((i + 1) % set.len(), to_u128(set[(i + 1) % set.len()].start)),
         None => (0, to_u128(set[0].start)),
     };
-    let total: u128 = set.iter().map(|r| to_u128(r.end) - to_u128(r.start) + 1).fold(0u128, u128::saturating_add);
+    let total: u128 = set
+        .iter()
+        .map(|r| to_u128(r.end) - to_u128(r.start) + 1)
+        .fold(0u128, u128::saturating_add);
     // Among blocked+1 distinct addresses at least one is free, so the walk is bounded by the
     // number of blocked addresses, not the (possibly 2^64) size of the range.
     let blocked = (reserved.len() + taken.len() + 3 * set.len()) as u128;
@@ -142,7 +171,12 @@ mod tests {
 
     fn range(subnet: &str, start: &str, end: &str) -> Range {
         let subnet: IpNet = subnet.parse().unwrap();
-        Range { subnet, start: start.parse().unwrap(), end: end.parse().unwrap(), gateway: offset(subnet.network(), 1) }
+        Range {
+            subnet,
+            start: start.parse().unwrap(),
+            end: end.parse().unwrap(),
+            gateway: offset(subnet.network(), 1),
+        }
     }
 
     fn ips(list: &[&str]) -> HashSet<IpAddr> {
@@ -151,9 +185,18 @@ mod tests {
 
     #[test]
     fn offsets() {
-        assert_eq!(offset("10.0.0.255".parse().unwrap(), 1).to_string(), "10.0.1.0");
-        assert_eq!(offset("10.0.0.0".parse().unwrap(), -1).to_string(), "9.255.255.255");
-        assert_eq!(offset("fd00::ffff".parse().unwrap(), 1).to_string(), "fd00::1:0");
+        assert_eq!(
+            offset("10.0.0.255".parse().unwrap(), 1).to_string(),
+            "10.0.1.0"
+        );
+        assert_eq!(
+            offset("10.0.0.0".parse().unwrap(), -1).to_string(),
+            "9.255.255.255"
+        );
+        assert_eq!(
+            offset("fd00::ffff".parse().unwrap(), 1).to_string(),
+            "fd00::1:0"
+        );
     }
 
     #[test]
@@ -167,18 +210,41 @@ mod tests {
     fn round_robin_after_last_and_wraps() {
         let set = [range("10.0.0.0/24", "10.0.0.2", "10.0.0.5")];
         let last = Some("10.0.0.3".parse().unwrap());
-        assert_eq!(pick(&set, &HashSet::new(), &HashSet::new(), last).unwrap().to_string(), "10.0.0.4");
+        assert_eq!(
+            pick(&set, &HashSet::new(), &HashSet::new(), last)
+                .unwrap()
+                .to_string(),
+            "10.0.0.4"
+        );
         let last = Some("10.0.0.5".parse().unwrap());
-        assert_eq!(pick(&set, &HashSet::new(), &HashSet::new(), last).unwrap().to_string(), "10.0.0.2");
+        assert_eq!(
+            pick(&set, &HashSet::new(), &HashSet::new(), last)
+                .unwrap()
+                .to_string(),
+            "10.0.0.2"
+        );
         let taken = ips(&["10.0.0.2", "10.0.0.3"]);
-        assert_eq!(pick(&set, &ips(&["10.0.0.4"]), &taken, last).unwrap().to_string(), "10.0.0.5");
+        assert_eq!(
+            pick(&set, &ips(&["10.0.0.4"]), &taken, last)
+                .unwrap()
+                .to_string(),
+            "10.0.0.5"
+        );
     }
 
     #[test]
     fn multiple_ranges_in_a_set() {
-        let set = [range("10.0.0.0/24", "10.0.0.2", "10.0.0.3"), range("10.0.1.0/24", "10.0.1.2", "10.0.1.3")];
+        let set = [
+            range("10.0.0.0/24", "10.0.0.2", "10.0.0.3"),
+            range("10.0.1.0/24", "10.0.1.2", "10.0.1.3"),
+        ];
         let taken = ips(&["10.0.0.2", "10.0.0.3"]);
-        assert_eq!(pick(&set, &HashSet::new(), &taken, None).unwrap().to_string(), "10.0.1.2");
+        assert_eq!(
+            pick(&set, &HashSet::new(), &taken, None)
+                .unwrap()
+                .to_string(),
+            "10.0.1.2"
+        );
     }
 
     #[test]
@@ -196,14 +262,22 @@ mod tests {
     fn huge_v6_range_is_bounded() {
         let set = [range("fd00::/64", "fd00::1", "fd00::ffff:ffff:ffff:ffff")];
         let taken = ips(&["fd00::2", "fd00::3"]);
-        assert_eq!(pick(&set, &HashSet::new(), &taken, None).unwrap().to_string(), "fd00::4");
+        assert_eq!(
+            pick(&set, &HashSet::new(), &taken, None)
+                .unwrap()
+                .to_string(),
+            "fd00::4"
+        );
     }
 
     #[test]
     fn requested() {
         let set = [range("10.0.0.0/24", "10.0.0.1", "10.0.0.254")];
         let none = HashSet::new();
-        assert_eq!(check_requested(&set, &none, &none, "10.0.0.9".parse().unwrap()).unwrap(), 0);
+        assert_eq!(
+            check_requested(&set, &none, &none, "10.0.0.9".parse().unwrap()).unwrap(),
+            0
+        );
         for (ip, taken, reserved) in [
             ("10.0.0.1", none.clone(), none.clone()),
             ("10.0.1.9", none.clone(), none.clone()),

@@ -46,7 +46,11 @@ impl StoreError {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 const LOCK_FILE: &str = "lock";
@@ -82,9 +86,17 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io("open lock", &path))?;
-        rustix::fs::flock(lock.as_fd(), rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| StoreError::Io { op: "flock", path: path.clone(), source: e.into() })?;
-        Ok(Self { dir: dir.to_path_buf(), _lock: lock })
+        rustix::fs::flock(lock.as_fd(), rustix::fs::FlockOperation::LockExclusive).map_err(
+            |e| StoreError::Io {
+                op: "flock",
+                path: path.clone(),
+                source: e.into(),
+            },
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     /// Every complete record, plus the names of stale temporary files.
@@ -99,7 +111,9 @@ impl Store {
                 stale.push(entry.path());
                 continue;
             }
-            let Ok(ip) = name.parse::<IpAddr>() else { continue };
+            let Ok(ip) = name.parse::<IpAddr>() else {
+                continue;
+            };
             let path = entry.path();
             let content = match fs::read_to_string(&path) {
                 Ok(c) => c,
@@ -109,7 +123,11 @@ impl Store {
             let mut lines = content.lines();
             let container_id = lines.next().unwrap_or_default().trim().to_string();
             let ifname = lines.next().unwrap_or_default().trim().to_string();
-            records.push(Record { ip, container_id, ifname });
+            records.push(Record {
+                ip,
+                container_id,
+                ifname,
+            });
         }
         Ok((records, stale))
     }
@@ -122,9 +140,14 @@ impl Store {
     pub fn reserve(&self, rec: &Record) -> Result<bool, StoreError> {
         let tmp = self.dir.join(format!("{TMP_PREFIX}{}", rec.ip));
         let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io("create record", &tmp))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("create record", &tmp))?;
         let body = format!("{}\r\n{}", rec.container_id, rec.ifname);
-        f.write_all(body.as_bytes()).map_err(io("write record", &tmp))?;
+        f.write_all(body.as_bytes())
+            .map_err(io("write record", &tmp))?;
         f.sync_all().map_err(io("fsync record", &tmp))?;
         drop(f);
         let dst = self.record_path(rec.ip);
@@ -147,7 +170,11 @@ impl Store {
 
     /// The last address handed out from range set `set`.
     pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
-        fs::read_to_string(self.dir.join(format!("{LAST_PREFIX}{set}"))).ok()?.trim().parse().ok()
+        fs::read_to_string(self.dir.join(format!("{LAST_PREFIX}{set}")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Records the hint; losing it only changes where the next search starts, so no fsync.
@@ -180,7 +207,12 @@ pub struct Allocated {
 /// Allocates one address per range set for `(container_id, ifname)`. Idempotent: an
 /// attachment that already holds addresses gets the same ones back. On failure nothing new
 /// stays allocated.
-pub fn allocate(net: &Network, container_id: &str, ifname: &str, requested: &[IpAddr]) -> Result<Vec<Allocated>, StoreError> {
+pub fn allocate(
+    net: &Network,
+    container_id: &str,
+    ifname: &str,
+    requested: &[IpAddr],
+) -> Result<Vec<Allocated>, StoreError> {
     if net.range_sets.is_empty() {
         return Ok(Vec::new());
     }
@@ -188,15 +220,22 @@ pub fn allocate(net: &Network, container_id: &str, ifname: &str, requested: &[Ip
     let (records, _) = store.scan()?;
     let taken: HashSet<IpAddr> = records.iter().map(|r| r.ip).collect();
     let reserved: HashSet<IpAddr> = net.reserved.iter().copied().collect();
-    let mine: Vec<IpAddr> =
-        records.iter().filter(|r| r.container_id == container_id && r.ifname == ifname).map(|r| r.ip).collect();
+    let mine: Vec<IpAddr> = records
+        .iter()
+        .filter(|r| r.container_id == container_id && r.ifname == ifname)
+        .map(|r| r.ip)
+        .collect();
     let mut out = Vec::new();
     let mut fresh = Vec::new();
     let result = (|| {
         for (si, set) in net.range_sets.iter().enumerate() {
             let in_set = |ip: &IpAddr| set.iter().position(|r| *ip >= r.start && *ip <= r.end);
             if let Some((ip, ri)) = mine.iter().find_map(|ip| in_set(ip).map(|ri| (*ip, ri))) {
-                out.push(Allocated { ip, set: si, range: set[ri].clone() });
+                out.push(Allocated {
+                    ip,
+                    set: si,
+                    range: set[ri].clone(),
+                });
                 continue;
             }
             let wanted = requested.iter().find(|ip| in_set(ip).is_some());
@@ -207,14 +246,26 @@ pub fn allocate(net: &Network, container_id: &str, ifname: &str, requested: &[Ip
                     (ip, in_set(&ip).unwrap_or(0))
                 }
             };
-            let rec = Record { ip, container_id: container_id.to_string(), ifname: ifname.to_string() };
+            let rec = Record {
+                ip,
+                container_id: container_id.to_string(),
+                ifname: ifname.to_string(),
+            };
             if !store.reserve(&rec)? {
                 // Only possible if a record appeared outside the lock; treat as taken.
-                return Err(IpamError::Unavailable { ip, reason: "already allocated" }.into());
+                return Err(IpamError::Unavailable {
+                    ip,
+                    reason: "already allocated",
+                }
+                .into());
             }
             fresh.push(ip);
             store.set_last_reserved(si, ip)?;
-            out.push(Allocated { ip, set: si, range: set[ri].clone() });
+            out.push(Allocated {
+                ip,
+                set: si,
+                range: set[ri].clone(),
+            });
         }
         Ok(())
     })();
@@ -234,7 +285,11 @@ pub fn lookup(net: &Network, container_id: &str, ifname: &str) -> Result<Vec<IpA
     }
     let store = Store::lock(&net.data_dir)?;
     let (records, _) = store.scan()?;
-    Ok(records.into_iter().filter(|r| r.container_id == container_id && r.ifname == ifname).map(|r| r.ip).collect())
+    Ok(records
+        .into_iter()
+        .filter(|r| r.container_id == container_id && r.ifname == ifname)
+        .map(|r| r.ip)
+        .collect())
 }
 
 /// Releases every address of an attachment. Idempotent.
@@ -245,7 +300,10 @@ pub fn release(net: &Network, container_id: &str, ifname: &str) -> Result<Vec<Ip
     let store = Store::lock(&net.data_dir)?;
     let (records, _) = store.scan()?;
     let mut freed = Vec::new();
-    for r in records.iter().filter(|r| r.container_id == container_id && r.ifname == ifname) {
+    for r in records
+        .iter()
+        .filter(|r| r.container_id == container_id && r.ifname == ifname)
+    {
         store.release(r.ip)?;
         freed.push(r.ip);
     }
@@ -265,7 +323,10 @@ pub fn gc(net: &Network, valid: &HashSet<Attachment>) -> Result<Vec<Record>, Sto
     }
     let mut freed = Vec::new();
     for r in records {
-        let key = Attachment { container_id: r.container_id.clone(), ifname: r.ifname.clone() };
+        let key = Attachment {
+            container_id: r.container_id.clone(),
+            ifname: r.ifname.clone(),
+        };
         if !valid.contains(&key) {
             store.release(r.ip)?;
             freed.push(r);
@@ -276,11 +337,20 @@ pub fn gc(net: &Network, valid: &HashSet<Attachment>) -> Result<Vec<Record>, Sto
 
 /// Counts of what the store holds, per range set: (allocated, capacity capped at u64::MAX).
 pub fn usage(net: &Network) -> Result<HashMap<usize, (u64, u64)>, StoreError> {
-    let records = if net.data_dir.exists() { Store::lock(&net.data_dir)?.scan()?.0 } else { Vec::new() };
+    let records = if net.data_dir.exists() {
+        Store::lock(&net.data_dir)?.scan()?.0
+    } else {
+        Vec::new()
+    };
     let mut out = HashMap::new();
     for (si, set) in net.range_sets.iter().enumerate() {
-        let used = records.iter().filter(|r| set.iter().any(|x| r.ip >= x.start && r.ip <= x.end)).count() as u64;
-        let cap = set.iter().fold(0u64, |acc, r| acc.saturating_add(range_size(r)));
+        let used = records
+            .iter()
+            .filter(|r| set.iter().any(|x| r.ip >= x.start && r.ip <= x.end))
+            .count() as u64;
+        let cap = set
+            .iter()
+            .fold(0u64, |acc, r| acc.saturating_add(range_size(r)));
         out.insert(si, (used, cap));
     }
     Ok(out)
@@ -311,7 +381,10 @@ mod tests {
     #[test]
     fn allocate_is_idempotent_and_release_frees() {
         let d = tempfile::tempdir().unwrap();
-        let n = net(d.path(), r#"[[{"subnet":"10.0.0.0/24"}],[{"subnet":"fd00::/64"}]]"#);
+        let n = net(
+            d.path(),
+            r#"[[{"subnet":"10.0.0.0/24"}],[{"subnet":"fd00::/64"}]]"#,
+        );
         let a = allocate(&n, "c1", "eth0", &[]).unwrap();
         assert_eq!(a.len(), 2);
         assert_eq!(a[0].ip.to_string(), "10.0.0.2");
@@ -330,11 +403,17 @@ mod tests {
     fn failure_leaves_no_partial_allocation() {
         let d = tempfile::tempdir().unwrap();
         // v4 set has a single address; v6 fine. Second attachment fails on v4 first.
-        let n = net(d.path(), r#"[[{"subnet":"fd00::/64"}],[{"subnet":"10.0.0.0/30"}]]"#);
+        let n = net(
+            d.path(),
+            r#"[[{"subnet":"fd00::/64"}],[{"subnet":"10.0.0.0/30"}]]"#,
+        );
         allocate(&n, "c1", "eth0", &[]).unwrap();
         let e = allocate(&n, "c2", "eth0", &[]).unwrap_err();
         assert_eq!(e.code(), 100);
-        assert!(lookup(&n, "c2", "eth0").unwrap().is_empty(), "v6 address of the failed ADD must be released");
+        assert!(
+            lookup(&n, "c2", "eth0").unwrap().is_empty(),
+            "v6 address of the failed ADD must be released"
+        );
     }
 
     #[test]
@@ -353,8 +432,12 @@ mod tests {
         allocate(&n, "keep", "eth0", &[]).unwrap();
         allocate(&n, "leak", "eth0", &[]).unwrap();
         fs::write(n.data_dir.join(".tmp-10.0.0.9"), "half").unwrap();
-        let valid: HashSet<Attachment> =
-            [Attachment { container_id: "keep".into(), ifname: "eth0".into() }].into_iter().collect();
+        let valid: HashSet<Attachment> = [Attachment {
+            container_id: "keep".into(),
+            ifname: "eth0".into(),
+        }]
+        .into_iter()
+        .collect();
         let freed = gc(&n, &valid).unwrap();
         assert_eq!(freed.len(), 1);
         assert_eq!(freed[0].container_id, "leak");
@@ -372,11 +455,16 @@ mod tests {
             .map(|i| {
                 let n = n.clone();
                 std::thread::spawn(move || {
-                    (0..10).map(|j| allocate(&n, &format!("c{i}-{j}"), "eth0", &[]).unwrap()[0].ip).collect::<Vec<_>>()
+                    (0..10)
+                        .map(|j| allocate(&n, &format!("c{i}-{j}"), "eth0", &[]).unwrap()[0].ip)
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let all: Vec<IpAddr> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let all: Vec<IpAddr> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let uniq: HashSet<_> = all.iter().collect();
         assert_eq!(uniq.len(), 80);
     }

@@ -61,7 +61,11 @@ pub fn subnets(net: &Network) -> (Vec<IpNet>, Vec<IpNet>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for r in net.range_sets.iter().flatten() {
-        let list = if r.subnet.addr().is_ipv4() { &mut v4 } else { &mut v6 };
+        let list = if r.subnet.addr().is_ipv4() {
+            &mut v4
+        } else {
+            &mut v6
+        };
         if !list.contains(&r.subnet) {
             list.push(r.subnet);
         }
@@ -74,9 +78,10 @@ pub fn nft_script(net: &Network) -> String {
     let id = network_id(&net.name);
     let (v4, v6) = subnets(net);
     let mut s = String::new();
-    for (family, addr_type, mcast, nets) in
-        [("ip", "ipv4_addr", "224.0.0.0/4", v4), ("ip6", "ipv6_addr", "ff00::/8", v6)]
-    {
+    for (family, addr_type, mcast, nets) in [
+        ("ip", "ipv4_addr", "224.0.0.0/4", v4),
+        ("ip6", "ipv6_addr", "ff00::/8", v6),
+    ] {
         if nets.is_empty() {
             continue;
         }
@@ -103,7 +108,11 @@ pub fn nft_script(net: &Network) -> String {
 fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"].into_iter().map(PathBuf::from))
+        .chain(
+            ["/usr/sbin", "/sbin", "/usr/bin"]
+                .into_iter()
+                .map(PathBuf::from),
+        )
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -112,19 +121,38 @@ fn run(tool: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<(), Masquer
     let name = tool.display().to_string();
     let mut child = Command::new(tool)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| MasqueradeError::Spawn { tool: name.clone(), source })?;
+        .map_err(|source| MasqueradeError::Spawn {
+            tool: name.clone(),
+            source,
+        })?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(|source| MasqueradeError::Spawn { tool: name.clone(), source })?;
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| MasqueradeError::Spawn {
+                tool: name.clone(),
+                source,
+            })?;
     }
-    let out = child.wait_with_output().map_err(|source| MasqueradeError::Spawn { tool: name.clone(), source })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| MasqueradeError::Spawn {
+            tool: name.clone(),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(MasqueradeError::Failed { tool: name, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+        Err(MasqueradeError::Failed {
+            tool: name,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -136,7 +164,10 @@ pub fn ensure(net: &Network) -> Result<(), MasqueradeError> {
     }
     let (v4, v6) = subnets(net);
     let chain = format!("KEEL-CNI-{}", network_id(&net.name));
-    for (tool, nets, mcast) in [("iptables", v4, "224.0.0.0/4"), ("ip6tables", v6, "ff00::/8")] {
+    for (tool, nets, mcast) in [
+        ("iptables", v4, "224.0.0.0/4"),
+        ("ip6tables", v6, "ff00::/8"),
+    ] {
         if nets.is_empty() {
             continue;
         }
@@ -145,10 +176,32 @@ pub fn ensure(net: &Network) -> Result<(), MasqueradeError> {
         let _ = run(&bin, &["-w", "-t", "nat", "-N", &chain], None);
         run(&bin, &["-w", "-t", "nat", "-F", &chain], None)?;
         for n in &nets {
-            run(&bin, &["-w", "-t", "nat", "-A", &chain, "-d", &n.to_string(), "-j", "RETURN"], None)?;
+            run(
+                &bin,
+                &[
+                    "-w",
+                    "-t",
+                    "nat",
+                    "-A",
+                    &chain,
+                    "-d",
+                    &n.to_string(),
+                    "-j",
+                    "RETURN",
+                ],
+                None,
+            )?;
         }
-        run(&bin, &["-w", "-t", "nat", "-A", &chain, "-d", mcast, "-j", "RETURN"], None)?;
-        run(&bin, &["-w", "-t", "nat", "-A", &chain, "-j", "MASQUERADE"], None)?;
+        run(
+            &bin,
+            &["-w", "-t", "nat", "-A", &chain, "-d", mcast, "-j", "RETURN"],
+            None,
+        )?;
+        run(
+            &bin,
+            &["-w", "-t", "nat", "-A", &chain, "-j", "MASQUERADE"],
+            None,
+        )?;
         for n in &nets {
             let rule = ["-s", &n.to_string(), "-j", &chain].map(str::to_string);
             let mut check = vec!["-w", "-t", "nat", "-C", "POSTROUTING"];
@@ -174,9 +227,15 @@ mod tests {
         let n = crate::config::validate(crate::config::parse(j.as_bytes()).unwrap()).unwrap();
         let s = nft_script(&n);
         let id = network_id("pods");
-        assert!(s.contains(&format!("add rule ip keel-cni net-{id} ip daddr 10.0.0.0/24 return")));
-        assert!(s.contains(&format!("add element ip keel-cni masq-nets {{ 10.0.0.0/24 : jump net-{id} }}")));
-        assert!(s.contains(&format!("add rule ip6 keel-cni net-{id} ip6 daddr fd00::/64 return")));
+        assert!(s.contains(&format!(
+            "add rule ip keel-cni net-{id} ip daddr 10.0.0.0/24 return"
+        )));
+        assert!(s.contains(&format!(
+            "add element ip keel-cni masq-nets {{ 10.0.0.0/24 : jump net-{id} }}"
+        )));
+        assert!(s.contains(&format!(
+            "add rule ip6 keel-cni net-{id} ip6 daddr fd00::/64 return"
+        )));
         assert!(s.contains("ip6 saddr vmap @masq-nets"));
         assert_eq!(s.matches("masquerade\n").count(), 2);
     }

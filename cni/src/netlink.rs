@@ -7,15 +7,18 @@
 
 use ipnet::IpNet;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
-    LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol,
+    RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::net::IpAddr;
@@ -92,7 +95,10 @@ pub struct Netlink {
 }
 
 fn mac_string(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn link_from(msg: &LinkMessage) -> Link {
@@ -130,7 +136,8 @@ impl Netlink {
     pub fn open() -> Result<Self, NetlinkError> {
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
         sock.bind_auto().map_err(NetlinkError::Socket)?;
-        sock.connect(&SocketAddr::new(0, 0)).map_err(NetlinkError::Socket)?;
+        sock.connect(&SocketAddr::new(0, 0))
+            .map_err(NetlinkError::Socket)?;
         // Extended acks make kernel refusals carry a reason; best effort.
         let _ = sock.set_ext_ack(true);
         Ok(Self { sock, seq: 1 })
@@ -159,10 +166,16 @@ impl Netlink {
             let mut off = 0;
             while off < data.len() {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                    .map_err(|e| NetlinkError::Decode { op, reason: e.to_string() })?;
+                    .map_err(|e| NetlinkError::Decode {
+                        op,
+                        reason: e.to_string(),
+                    })?;
                 let len = reply.header.length as usize;
                 if len == 0 {
-                    return Err(NetlinkError::Decode { op, reason: "zero-length message".into() });
+                    return Err(NetlinkError::Decode {
+                        op,
+                        reason: "zero-length message".into(),
+                    });
                 }
                 off += (len + 3) & !3;
                 if reply.header.sequence_number != self.seq {
@@ -203,7 +216,12 @@ impl Netlink {
 
     /// Every link of the namespace.
     pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
-        let replies = self.request("dump links", "", RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        let replies = self.request(
+            "dump links",
+            "",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
         Ok(replies
             .iter()
             .filter_map(|m| match m {
@@ -216,15 +234,28 @@ impl Netlink {
     /// Creates a bridge; an existing link of that name is left alone (`Ok(false)`). The MAC is
     /// set explicitly: a bridge with a kernel-chosen MAC takes on its lowest port's MAC, so the
     /// gateway's MAC would change under the pods' neighbour caches as pods come and go.
-    pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>, mac: [u8; 6]) -> Result<bool, NetlinkError> {
+    pub fn create_bridge(
+        &mut self,
+        name: &str,
+        mtu: Option<u32>,
+        mac: [u8; 6],
+    ) -> Result<bool, NetlinkError> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         if let Some(m) = mtu {
             msg.attributes.push(LinkAttribute::Mtu(m));
         }
-        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
-        match self.request("create bridge", name, RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL) {
+        msg.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Bridge,
+            )]));
+        match self.request(
+            "create bridge",
+            name,
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
             Ok(_) => Ok(true),
             Err(e) if e.errno() == Some(libc_eexist()) => Ok(false),
             Err(e) => Err(e),
@@ -242,8 +273,12 @@ impl Netlink {
         master: u32,
     ) -> Result<(), NetlinkError> {
         let mut peer_msg = LinkMessage::default();
-        peer_msg.attributes.push(LinkAttribute::IfName(peer.to_string()));
-        peer_msg.attributes.push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
+        peer_msg
+            .attributes
+            .push(LinkAttribute::IfName(peer.to_string()));
+        peer_msg
+            .attributes
+            .push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(host.to_string()));
         if let Some(m) = mtu {
@@ -255,7 +290,12 @@ impl Netlink {
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
         ]));
-        self.request("create veth", host, RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)?;
+        self.request(
+            "create veth",
+            host,
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
         Ok(())
     }
 
@@ -265,7 +305,12 @@ impl Netlink {
         msg.header.index = index;
         msg.header.flags = flags;
         msg.header.change_mask = flags;
-        self.request("set link flags", &index.to_string(), RouteNetlinkMessage::SetLink(msg), 0)?;
+        self.request(
+            "set link flags",
+            &index.to_string(),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )?;
         Ok(())
     }
 
@@ -275,9 +320,16 @@ impl Netlink {
         msg.header.index = index;
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(true)])),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
+                true,
+            )])),
         ]));
-        self.request("set hairpin", &index.to_string(), RouteNetlinkMessage::NewLink(msg), 0)?;
+        self.request(
+            "set hairpin",
+            &index.to_string(),
+            RouteNetlinkMessage::NewLink(msg),
+            0,
+        )?;
         Ok(())
     }
 
@@ -302,18 +354,29 @@ impl Netlink {
         msg.attributes.push(AddressAttribute::Local(addr.addr()));
         msg.attributes.push(AddressAttribute::Address(addr.addr()));
         if let IpNet::V4(v4) = addr {
-            msg.attributes.push(AddressAttribute::Broadcast(v4.broadcast()));
+            msg.attributes
+                .push(AddressAttribute::Broadcast(v4.broadcast()));
         } else {
-            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
-        self.request("add address", &addr.to_string(), RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_REPLACE)?;
+        self.request(
+            "add address",
+            &addr.to_string(),
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
         Ok(())
     }
 
     /// The addresses on a link (global and link scope).
     pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
-        let replies =
-            self.request("dump addresses", &index.to_string(), RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)?;
+        let replies = self.request(
+            "dump addresses",
+            &index.to_string(),
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )?;
         Ok(replies
             .iter()
             .filter_map(|m| match m {
@@ -347,10 +410,12 @@ impl Netlink {
             None => RouteScope::Universe,
         };
         if dst.prefix_len() > 0 {
-            msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst.addr())));
+            msg.attributes
+                .push(RouteAttribute::Destination(RouteAddress::from(dst.addr())));
         }
         if let Some(gw) = route.gw {
-            msg.attributes.push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
         }
         msg.attributes.push(RouteAttribute::Oif(oif));
         if let Some(p) = route.priority {
@@ -366,18 +431,38 @@ impl Netlink {
         if !metrics.is_empty() {
             msg.attributes.push(RouteAttribute::Metrics(metrics));
         }
-        self.request("add route", &route.dst.to_string(), RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_REPLACE)?;
+        self.request(
+            "add route",
+            &route.dst.to_string(),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
         Ok(())
     }
 
     /// Routes out of `oif` in the main table: (destination, gateway).
-    pub fn routes(&mut self, oif: u32, v4: bool) -> Result<Vec<(IpNet, Option<IpAddr>)>, NetlinkError> {
+    pub fn routes(
+        &mut self,
+        oif: u32,
+        v4: bool,
+    ) -> Result<Vec<(IpNet, Option<IpAddr>)>, NetlinkError> {
         let mut req = RouteMessage::default();
-        req.header.address_family = if v4 { AddressFamily::Inet } else { AddressFamily::Inet6 };
-        let replies = self.request("dump routes", &oif.to_string(), RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)?;
+        req.header.address_family = if v4 {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let replies = self.request(
+            "dump routes",
+            &oif.to_string(),
+            RouteNetlinkMessage::GetRoute(req),
+            NLM_F_DUMP,
+        )?;
         let mut out = Vec::new();
         for m in replies {
-            let RouteNetlinkMessage::NewRoute(r) = m else { continue };
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                continue;
+            };
             let mut dst = None;
             let mut gw = None;
             let mut out_if = None;
@@ -392,7 +477,11 @@ impl Netlink {
             if out_if != Some(oif) {
                 continue;
             }
-            let any: IpAddr = if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
+            let any: IpAddr = if v4 {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u16; 8])
+            };
             if let Ok(net) = IpNet::new(dst.unwrap_or(any), r.header.destination_prefix_length) {
                 out.push((net, gw));
             }
@@ -410,7 +499,11 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 fn family(ip: IpAddr) -> AddressFamily {
-    if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 }
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
 }
 
 fn libc_enodev() -> i32 {

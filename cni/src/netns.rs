@@ -1,6 +1,11 @@
-//! Entering a pod's network namespace: a short-lived thread joins it (`setns`) and does the work
-//! that is bound to the namespace at creation time (opening a netlink socket, touching
-//! `/proc/sys/net`), so the plugin's main thread never changes namespace.
+//! Entering a pod's network namespace for the work that is bound to the namespace at creation
+//! time (opening a netlink socket, touching `/proc/sys/net`).
+//!
+//! [`run_in`] runs a closure on a short-lived thread that joins the namespace, so the caller never
+//! changes namespace. [`netlink_in`], on the hot path of every ADD, instead switches the calling
+//! thread in and straight back (two `setns` calls): a thread spawn and exit cost more than the
+//! rest of the namespace work together. `setns(CLONE_NEWNET)` only affects the calling thread,
+//! and a failed switch back aborts the process rather than let it act in the wrong namespace.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -51,8 +56,13 @@ impl NetnsError {
 pub fn open(path: &Path) -> Result<OwnedFd, NetnsError> {
     match File::open(path) {
         Ok(f) => Ok(f.into()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(NetnsError::Missing(path.to_path_buf())),
-        Err(source) => Err(NetnsError::Open { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(NetnsError::Missing(path.to_path_buf()))
+        }
+        Err(source) => Err(NetnsError::Open {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -71,5 +81,18 @@ pub fn run_in<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) -> Resu
 
 /// A netlink socket bound to the namespace behind `ns` (usable from any thread afterwards).
 pub fn netlink_in(ns: BorrowedFd<'_>) -> Result<Netlink, NetnsError> {
-    Ok(run_in(ns, Netlink::open)??)
+    let own_path = Path::new("/proc/thread-self/ns/net");
+    let own = File::open(own_path).map_err(|source| NetnsError::Open {
+        path: own_path.to_path_buf(),
+        source,
+    })?;
+    move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))
+        .map_err(|e| NetnsError::Enter(e.into()))?;
+    let nl = Netlink::open();
+    if let Err(e) = move_into_link_name_space(own.as_fd(), Some(LinkNameSpaceType::Network)) {
+        // Every later request would land in the pod's namespace: stopping is the only safe move.
+        eprintln!("keel-cni: cannot return to the node's network namespace: {e}");
+        std::process::abort();
+    }
+    Ok(nl?)
 }

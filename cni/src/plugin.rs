@@ -18,14 +18,29 @@ pub fn execute(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     // The error reply should carry the request's version; fish it out even from a bad config.
     let version = serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|s| s.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|s| s.as_str())
+                .map(str::to_string)
+        })
         .filter(|v| protocol::SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| LATEST_VERSION.to_string());
     match dispatch(env, stdin) {
-        Ok(stdout) => Outcome { stdout, exit_code: 0 },
+        Ok(stdout) => Outcome {
+            stdout,
+            exit_code: 0,
+        },
         Err(e) => {
-            let reply = ErrorReply { cni_version: version, code: e.code(), msg: e.to_string(), details: String::new() };
-            Outcome { stdout: serde_json::to_string(&reply).unwrap_or_default(), exit_code: 1 }
+            let reply = ErrorReply {
+                cni_version: version,
+                code: e.code(),
+                msg: e.to_string(),
+                details: String::new(),
+            };
+            Outcome {
+                stdout: serde_json::to_string(&reply).unwrap_or_default(),
+                exit_code: 1,
+            }
         }
     }
 }
@@ -33,8 +48,16 @@ pub fn execute(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
 /// The outcome when stdin itself could not be read.
 pub fn stdin_failure(e: std::io::Error) -> Outcome {
     let err = Error::Stdin(e);
-    let reply = ErrorReply { cni_version: LATEST_VERSION.to_string(), code: err.code(), msg: err.to_string(), details: String::new() };
-    Outcome { stdout: serde_json::to_string(&reply).unwrap_or_default(), exit_code: 1 }
+    let reply = ErrorReply {
+        cni_version: LATEST_VERSION.to_string(),
+        code: err.code(),
+        msg: err.to_string(),
+        details: String::new(),
+    };
+    Outcome {
+        stdout: serde_json::to_string(&reply).unwrap_or_default(),
+        exit_code: 1,
+    }
 }
 
 fn dispatch(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<String, Error> {
@@ -42,7 +65,11 @@ fn dispatch(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<String
     if inv.command == Command::Version {
         let requested = serde_json::from_slice::<serde_json::Value>(stdin)
             .ok()
-            .and_then(|v| v.get("cniVersion").and_then(|s| s.as_str()).map(str::to_string));
+            .and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(|s| s.as_str())
+                    .map(str::to_string)
+            });
         return Ok(to_json(&protocol::version_info(requested.as_deref())));
     }
     let net = config::validate(config::parse(stdin)?)?;
@@ -68,9 +95,15 @@ mod tests {
     use std::collections::HashMap;
 
     fn run(pairs: &[(&str, &str)], stdin: &str) -> (serde_json::Value, i32) {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let out = execute(|k| map.get(k).cloned(), stdin.as_bytes());
-        (serde_json::from_str(&out.stdout).unwrap_or_default(), out.exit_code)
+        (
+            serde_json::from_str(&out.stdout).unwrap_or_default(),
+            out.exit_code,
+        )
     }
 
     #[test]
@@ -86,17 +119,28 @@ mod tests {
         let (v, rc) = run(&[("CNI_COMMAND", "ADD")], "{}");
         assert_eq!(rc, 1);
         assert_eq!(v["code"], 4);
-        let add = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/nonexistent/ns"), ("CNI_IFNAME", "eth0")];
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/nonexistent/ns"),
+            ("CNI_IFNAME", "eth0"),
+        ];
         let (v, _) = run(&add, "{not json");
         assert_eq!(v["code"], 6);
         assert_eq!(v["cniVersion"], "1.1.0");
         let (v, _) = run(&add, r#"{"cniVersion":"1.0.0","name":"n","type":"other"}"#);
         assert_eq!(v["code"], 7);
         assert_eq!(v["cniVersion"], "1.0.0");
-        let (v, _) = run(&add, r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni"}"#);
+        let (v, _) = run(
+            &add,
+            r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni"}"#,
+        );
         assert_eq!(v["code"], 3, "missing netns: {v}");
         let gc = [("CNI_COMMAND", "GC")];
-        let (v, _) = run(&gc, r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni"}"#);
+        let (v, _) = run(
+            &gc,
+            r#"{"cniVersion":"1.0.0","name":"n","type":"keel-cni"}"#,
+        );
         assert_eq!(v["code"], 1);
     }
 }

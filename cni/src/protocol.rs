@@ -54,7 +54,9 @@ pub enum ProtocolError {
     #[error("environment variable {0} is required for this command")]
     MissingEnv(&'static str),
     /// CNI_IFNAME cannot name a Linux interface.
-    #[error("CNI_IFNAME {0:?} is not a valid interface name (1-15 bytes, no '/', ':' or whitespace)")]
+    #[error(
+        "CNI_IFNAME {0:?} is not a valid interface name (1-15 bytes, no '/', ':' or whitespace)"
+    )]
     BadIfName(String),
     /// CNI_ARGS is not `K=V;K=V`.
     #[error("CNI_ARGS {0:?} is not a list of KEY=VALUE pairs separated by ';'")]
@@ -78,9 +80,10 @@ impl ProtocolError {
     /// The CNI error code for this error.
     pub fn code(&self) -> u32 {
         match self {
-            Self::UnknownCommand(_) | Self::MissingEnv(_) | Self::BadIfName(_) | Self::BadArgs(_) => {
-                code::INVALID_ENV
-            }
+            Self::UnknownCommand(_)
+            | Self::MissingEnv(_)
+            | Self::BadIfName(_)
+            | Self::BadArgs(_) => code::INVALID_ENV,
             Self::UnsupportedVersion(_) | Self::VerbTooNew { .. } => code::INCOMPATIBLE_VERSION,
         }
     }
@@ -160,9 +163,21 @@ pub fn parse_env(get: impl Fn(&str) -> Option<String>) -> Result<Invocation, Pro
         None => HashMap::new(),
     };
     let path = non_empty("CNI_PATH")
-        .map(|p| p.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect())
+        .map(|p| {
+            p.split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
         .unwrap_or_default();
-    Ok(Invocation { command, container_id, netns, ifname, args, path })
+    Ok(Invocation {
+        command,
+        container_id,
+        netns,
+        ifname,
+        args,
+        path,
+    })
 }
 
 /// Checks that `name` is usable as a Linux interface name (the kernel's `dev_valid_name`).
@@ -171,15 +186,23 @@ pub fn validate_ifname(name: &str) -> Result<(), ProtocolError> {
         && name.len() < 16
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
-    if ok { Ok(()) } else { Err(ProtocolError::BadIfName(name.to_string())) }
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::BadIfName(name.to_string()))
+    }
 }
 
 /// Parses `CNI_ARGS` (`IgnoreUnknown=1;IP=10.1.0.5;K8S_POD_NAME=x`).
 pub fn parse_args(raw: &str) -> Result<HashMap<String, String>, ProtocolError> {
     let mut out = HashMap::new();
     for pair in raw.split(';').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| ProtocolError::BadArgs(raw.to_string()))?;
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| ProtocolError::BadArgs(raw.to_string()))?;
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
@@ -187,7 +210,10 @@ pub fn parse_args(raw: &str) -> Result<HashMap<String, String>, ProtocolError> {
 
 /// Picks the version to speak: the config's `cniVersion`, else the highest supported entry of
 /// `cniVersions`, else the latest.
-pub fn negotiate(cni_version: Option<&str>, cni_versions: &[String]) -> Result<String, ProtocolError> {
+pub fn negotiate(
+    cni_version: Option<&str>,
+    cni_versions: &[String],
+) -> Result<String, ProtocolError> {
     if let Some(v) = cni_version.filter(|v| !v.is_empty()) {
         return if SUPPORTED_VERSIONS.contains(&v) {
             Ok(v.to_string())
@@ -223,7 +249,11 @@ pub fn check_verb_version(command: Command, version: &str) -> Result<(), Protoco
     if version_at_least(version, needs) {
         Ok(())
     } else {
-        Err(ProtocolError::VerbTooNew { verb, needs, got: version.to_string() })
+        Err(ProtocolError::VerbTooNew {
+            verb,
+            needs,
+            got: version.to_string(),
+        })
     }
 }
 
@@ -244,7 +274,10 @@ pub fn version_info(requested: Option<&str>) -> VersionInfo {
         .filter(|v| SUPPORTED_VERSIONS.contains(v))
         .unwrap_or(LATEST_VERSION)
         .to_string();
-    VersionInfo { cni_version, supported_versions: SUPPORTED_VERSIONS.to_vec() }
+    VersionInfo {
+        cni_version,
+        supported_versions: SUPPORTED_VERSIONS.to_vec(),
+    }
 }
 
 /// The error object printed on stdout when a verb fails.
@@ -267,8 +300,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -295,9 +330,18 @@ mod tests {
 
     #[test]
     fn del_does_not_need_netns_and_version_needs_nothing() {
-        let inv = parse_env(env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")]));
+        let inv = parse_env(env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+        ]));
         assert!(inv.unwrap().netns.is_none());
-        assert_eq!(parse_env(env(&[("CNI_COMMAND", "VERSION")])).unwrap().command, Command::Version);
+        assert_eq!(
+            parse_env(env(&[("CNI_COMMAND", "VERSION")]))
+                .unwrap()
+                .command,
+            Command::Version
+        );
         assert!(matches!(
             parse_env(env(&[("CNI_COMMAND", "FROB")])),
             Err(ProtocolError::UnknownCommand(_))
@@ -325,7 +369,11 @@ mod tests {
     fn negotiation() {
         assert_eq!(negotiate(Some("1.0.0"), &[]).unwrap(), "1.0.0");
         assert_eq!(negotiate(None, &[]).unwrap(), "1.1.0");
-        let vs = vec!["0.4.0".to_string(), "1.0.0".to_string(), "9.9.9".to_string()];
+        let vs = vec![
+            "0.4.0".to_string(),
+            "1.0.0".to_string(),
+            "9.9.9".to_string(),
+        ];
         assert_eq!(negotiate(None, &vs).unwrap(), "1.0.0");
         let e = negotiate(Some("0.2.0"), &[]).unwrap_err();
         assert_eq!(e.code(), code::INCOMPATIBLE_VERSION);

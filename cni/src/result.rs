@@ -120,7 +120,14 @@ impl CniResult {
         let pre_1_0 = !version_at_least(version, "1.0.0");
         let pre_1_1 = !version_at_least(version, "1.1.0");
         for ip in &mut self.ips {
-            ip.version = pre_1_0.then(|| if ip.address.addr().is_ipv4() { "4" } else { "6" }.to_string());
+            ip.version = pre_1_0.then(|| {
+                if ip.address.addr().is_ipv4() {
+                    "4"
+                } else {
+                    "6"
+                }
+                .to_string()
+            });
         }
         if pre_1_1 {
             for i in &mut self.interfaces {
@@ -149,14 +156,41 @@ mod tests {
         CniResult {
             cni_version: "1.1.0".into(),
             interfaces: vec![
-                Interface { name: "kb0".into(), mac: Some("aa:bb:cc:dd:ee:ff".into()), ..Default::default() },
-                Interface { name: "eth0".into(), sandbox: Some("/run/netns/p".into()), mtu: Some(1400), ..Default::default() },
+                Interface {
+                    name: "kb0".into(),
+                    mac: Some("aa:bb:cc:dd:ee:ff".into()),
+                    ..Default::default()
+                },
+                Interface {
+                    name: "eth0".into(),
+                    sandbox: Some("/run/netns/p".into()),
+                    mtu: Some(1400),
+                    ..Default::default()
+                },
             ],
             ips: vec![
-                IpConfig { address: "10.0.0.2/24".parse().unwrap(), gateway: Some("10.0.0.1".parse().unwrap()), interface: Some(1), version: None },
-                IpConfig { address: "fd00::2/64".parse().unwrap(), gateway: None, interface: Some(1), version: None },
+                IpConfig {
+                    address: "10.0.0.2/24".parse().unwrap(),
+                    gateway: Some("10.0.0.1".parse().unwrap()),
+                    interface: Some(1),
+                    version: None,
+                },
+                IpConfig {
+                    address: "fd00::2/64".parse().unwrap(),
+                    gateway: None,
+                    interface: Some(1),
+                    version: None,
+                },
             ],
-            routes: vec![RouteConf { dst: "0.0.0.0/0".parse().unwrap(), gw: Some("10.0.0.1".parse().unwrap()), mtu: Some(1400), advmss: None, priority: None, table: None, scope: None }],
+            routes: vec![RouteConf {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: Some("10.0.0.1".parse().unwrap()),
+                mtu: Some(1400),
+                advmss: None,
+                priority: None,
+                table: None,
+                scope: None,
+            }],
             dns: Value::Null,
         }
     }

@@ -37,7 +37,13 @@ pub fn status(net: &Network) -> Result<(), Error> {
     sets.sort();
     for (set, (used, capacity)) in sets {
         if used >= capacity {
-            return Err(StatusError::Exhausted { network: net.name.clone(), set, used, capacity }.into());
+            return Err(StatusError::Exhausted {
+                network: net.name.clone(),
+                set,
+                used,
+                capacity,
+            }
+            .into());
         }
     }
     Ok(())

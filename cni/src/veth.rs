@@ -44,7 +44,11 @@ impl VethError {
 /// `containerID/ifname` (14 bytes, under the 15-byte limit).
 pub fn host_name(container_id: &str, ifname: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id.bytes().chain(std::iter::once(b'/')).chain(ifname.bytes()) {
+    for b in container_id
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(ifname.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -55,20 +59,40 @@ pub fn host_name(container_id: &str, ifname: &str) -> String {
 /// same family), plus default routes when the network is the default gateway. Only families the
 /// pod has an address in.
 pub fn pod_routes(net: &Network, allocated: &[Allocated]) -> Vec<RouteConf> {
-    let gw_for = |v4: bool| allocated.iter().find(|a| a.ip.is_ipv4() == v4).map(|a| a.range.gateway);
+    let gw_for = |v4: bool| {
+        allocated
+            .iter()
+            .find(|a| a.ip.is_ipv4() == v4)
+            .map(|a| a.range.gateway)
+    };
     let mut out: Vec<RouteConf> = Vec::new();
     for r in &net.routes {
         let v4 = r.dst.addr().is_ipv4();
-        let Some(family_gw) = gw_for(v4) else { continue };
+        let Some(family_gw) = gw_for(v4) else {
+            continue;
+        };
         let gw = r.gw.unwrap_or(family_gw);
-        out.push(RouteConf { gw: Some(gw), ..r.clone() });
+        out.push(RouteConf {
+            gw: Some(gw),
+            ..r.clone()
+        });
     }
     if net.is_default_gateway {
         for v4 in [true, false] {
             let Some(gw) = gw_for(v4) else { continue };
-            let dst: IpNet = if v4 { "0.0.0.0/0" } else { "::/0" }.parse().unwrap_or_default();
+            let dst: IpNet = if v4 { "0.0.0.0/0" } else { "::/0" }
+                .parse()
+                .unwrap_or_default();
             if !out.iter().any(|r| r.dst == dst) {
-                out.push(RouteConf { dst, gw: Some(gw), mtu: None, advmss: None, priority: None, table: None, scope: None });
+                out.push(RouteConf {
+                    dst,
+                    gw: Some(gw),
+                    mtu: None,
+                    advmss: None,
+                    priority: None,
+                    table: None,
+                    scope: None,
+                });
             }
         }
     }
@@ -77,11 +101,17 @@ pub fn pod_routes(net: &Network, allocated: &[Allocated]) -> Vec<RouteConf> {
 
 /// The pod's addresses with their subnet prefix.
 pub fn pod_addresses(allocated: &[Allocated]) -> Vec<IpNet> {
-    allocated.iter().filter_map(|a| IpNet::new(a.ip, a.range.subnet.prefix_len()).ok()).collect()
+    allocated
+        .iter()
+        .filter_map(|a| IpNet::new(a.ip, a.range.subnet.prefix_len()).ok())
+        .collect()
 }
 
 /// Creates the pair and configures both ends. Returns (host end, pod end).
-#[expect(clippy::too_many_arguments, reason = "one call site; the two sockets and the netns are distinct doors")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the two sockets and the netns are distinct doors"
+)]
 pub fn setup(
     host: &mut Netlink,
     pod: &mut Netlink,
@@ -93,19 +123,24 @@ pub fn setup(
     allocated: &[Allocated],
 ) -> Result<(Link, Link), VethError> {
     let host_if = host_name(container_id, ifname);
-    // A repeated ADD for the same attachment rebuilds the pair from scratch.
-    let existed = host.delete_link(&host_if)?;
+    // A repeated ADD for the same attachment rebuilds the pair from scratch. Looked up first:
+    // a lookup, unlike a delete, does not take the kernel's RTNL lock.
+    let existed = host.link_by_name(&host_if)?.is_some() && host.delete_link(&host_if)?;
     if !existed && pod.link_by_name(ifname)?.is_some() {
         return Err(VethError::IfnameInUse(ifname.to_string()));
     }
     let mtu = net.mtu.or(bridge.mtu.filter(|m| *m != 1500));
     host.create_veth(&host_if, ifname, pod_ns, mtu, bridge.index)?;
-    let host_link = host.link_by_name(&host_if)?.ok_or_else(|| VethError::Vanished(host_if.clone()))?;
+    let host_link = host
+        .link_by_name(&host_if)?
+        .ok_or_else(|| VethError::Vanished(host_if.clone()))?;
     host.set_flags(host_link.index, LinkFlags::Up)?;
     if net.hairpin_mode {
         host.set_hairpin(host_link.index)?;
     }
-    let pod_link = pod.link_by_name(ifname)?.ok_or_else(|| VethError::Vanished(ifname.to_string()))?;
+    let pod_link = pod
+        .link_by_name(ifname)?
+        .ok_or_else(|| VethError::Vanished(ifname.to_string()))?;
     // Up first: IPv6 prefix routes only exist on an up link, and gateway routes need them.
     pod.set_flags(pod_link.index, LinkFlags::Up)?;
     for addr in pod_addresses(allocated) {
@@ -142,8 +177,16 @@ mod tests {
 
     fn alloc(n: &Network) -> Vec<Allocated> {
         vec![
-            Allocated { ip: "10.0.0.5".parse().unwrap(), set: 0, range: n.range_sets[0][0].clone() },
-            Allocated { ip: "fd00::5".parse().unwrap(), set: 1, range: n.range_sets[1][0].clone() },
+            Allocated {
+                ip: "10.0.0.5".parse().unwrap(),
+                set: 0,
+                range: n.range_sets[0][0].clone(),
+            },
+            Allocated {
+                ip: "fd00::5".parse().unwrap(),
+                set: 1,
+                range: n.range_sets[1][0].clone(),
+            },
         ]
     }
 
@@ -151,15 +194,29 @@ mod tests {
     fn routes_default_gateway_and_families() {
         let n = net(r#""isDefaultGateway":true,"#);
         let r = pod_routes(&n, &alloc(&n));
-        let shown: Vec<String> = r.iter().map(|r| format!("{} via {}", r.dst, r.gw.unwrap())).collect();
+        let shown: Vec<String> = r
+            .iter()
+            .map(|r| format!("{} via {}", r.dst, r.gw.unwrap()))
+            .collect();
         assert_eq!(
             shown,
-            ["192.168.0.0/16 via 10.0.0.1", "172.16.0.0/12 via 10.0.0.254", "0.0.0.0/0 via 10.0.0.1", "::/0 via fd00::1"]
+            [
+                "192.168.0.0/16 via 10.0.0.1",
+                "172.16.0.0/12 via 10.0.0.254",
+                "0.0.0.0/0 via 10.0.0.1",
+                "::/0 via fd00::1"
+            ]
         );
         let n = net("");
         let only_v6 = vec![alloc(&n)[1].clone()];
-        assert!(pod_routes(&n, &only_v6).is_empty(), "no IPv4 address, no IPv4 routes");
-        let addrs: Vec<String> = pod_addresses(&alloc(&n)).iter().map(|a| a.to_string()).collect();
+        assert!(
+            pod_routes(&n, &only_v6).is_empty(),
+            "no IPv4 address, no IPv4 routes"
+        );
+        let addrs: Vec<String> = pod_addresses(&alloc(&n))
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         assert_eq!(addrs, ["10.0.0.5/24", "fd00::5/64"]);
     }
 }

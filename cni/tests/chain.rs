@@ -18,10 +18,18 @@ const REF_DIR: &str = "/usr/lib/cni";
 fn iptables_path(node: &Node) -> anyhow::Result<String> {
     let dir = node.state.subdir("bin")?;
     let multi = Path::new("/usr/sbin/xtables-nft-multi");
-    for name in ["iptables", "ip6tables", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"] {
+    for name in [
+        "iptables",
+        "ip6tables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ] {
         let link = dir.join(name);
         if !link.exists() {
-            std::os::unix::fs::symlink(multi, &link).with_context(|| format!("symlink {}", link.display()))?;
+            std::os::unix::fs::symlink(multi, &link)
+                .with_context(|| format!("symlink {}", link.display()))?;
         }
     }
     Ok(format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", dir.display()))
@@ -35,7 +43,11 @@ struct Chain<'a> {
 
 impl Chain<'_> {
     fn plugin_bin(&self, ty: &str) -> PathBuf {
-        if ty == "keel-cni" { PathBuf::from(common::BIN) } else { Path::new(REF_DIR).join(ty) }
+        if ty == "keel-cni" {
+            PathBuf::from(common::BIN)
+        } else {
+            Path::new(REF_DIR).join(ty)
+        }
     }
 
     fn conf_for(&self, plugin: &Value, prev: Option<&Value>) -> Value {
@@ -48,11 +60,29 @@ impl Chain<'_> {
         c
     }
 
-    fn run(&self, command: &str, plugin: &Value, pod: &NetnsGuard, prev: Option<&Value>) -> anyhow::Result<Reply> {
+    fn run(
+        &self,
+        command: &str,
+        plugin: &Value,
+        pod: &NetnsGuard,
+        prev: Option<&Value>,
+    ) -> anyhow::Result<Reply> {
         let ty = plugin["type"].as_str().unwrap_or_default();
         let bin = self.plugin_bin(ty);
-        let env = Env { command, container_id: "chained", netns: Some(&pod.path()), ifname: "eth0", args: None };
-        invoke_bin(bin.to_str().unwrap_or_default(), &self.node.host, &env, &self.conf_for(plugin, prev), &[("PATH", &self.path)])
+        let env = Env {
+            command,
+            container_id: "chained",
+            netns: Some(&pod.path()),
+            ifname: "eth0",
+            args: None,
+        };
+        invoke_bin(
+            bin.to_str().unwrap_or_default(),
+            &self.node.host,
+            &env,
+            &self.conf_for(plugin, prev),
+            &[("PATH", &self.path)],
+        )
     }
 
     fn add(&self, pod: &NetnsGuard) -> anyhow::Result<Value> {
@@ -80,7 +110,10 @@ fn chained_with_reference_portmap_and_bandwidth() -> anyhow::Result<()> {
         return Ok(());
     }
     for bin in ["portmap", "bandwidth"] {
-        anyhow::ensure!(Path::new(REF_DIR).join(bin).exists(), "{REF_DIR}/{bin} missing: install containernetworking-plugins");
+        anyhow::ensure!(
+            Path::new(REF_DIR).join(bin).exists(),
+            "{REF_DIR}/{bin} missing: install containernetworking-plugins"
+        );
     }
     let node = Node::new()?;
     let mut keel = node.conf("10.103.0.0/24", None);
@@ -99,7 +132,11 @@ fn chained_with_reference_portmap_and_bandwidth() -> anyhow::Result<()> {
              "runtimeConfig": {"bandwidth": {"ingressRate": 100000000, "ingressBurst": 10000000}}}
         ]
     });
-    let chain = Chain { node: &node, path: iptables_path(&node)?, list };
+    let chain = Chain {
+        node: &node,
+        path: iptables_path(&node)?,
+        list,
+    };
     let pod = NetnsGuard::new()?;
     let result = chain.add(&pod)?;
     // Our interfaces and address survived the chain.
@@ -108,7 +145,8 @@ fn chained_with_reference_portmap_and_bandwidth() -> anyhow::Result<()> {
     // The hostPort on the node's gateway address reaches the pod's port.
     let sns = keel_cni::netns::open(&pod.path())?;
     use std::os::fd::AsFd;
-    let listener = keel_cni::netns::run_in(sns.as_fd(), || std::net::TcpListener::bind((pod_ip, 8080)))??;
+    let listener =
+        keel_cni::netns::run_in(sns.as_fd(), || std::net::TcpListener::bind((pod_ip, 8080)))??;
     let srv = std::thread::spawn(move || -> anyhow::Result<String> {
         use std::io::{Read, Write};
         let (mut s, peer) = listener.accept()?;
@@ -117,12 +155,24 @@ fn chained_with_reference_portmap_and_bandwidth() -> anyhow::Result<()> {
         s.write_all(b"pong")?;
         Ok(peer.to_string())
     });
-    let client = node.host.exec("bash", &["-c", "exec 3<>/dev/tcp/10.103.0.1/18080; printf ping >&3; head -c4 <&3"])?;
+    let client = node.host.exec(
+        "bash",
+        &[
+            "-c",
+            "exec 3<>/dev/tcp/10.103.0.1/18080; printf ping >&3; head -c4 <&3",
+        ],
+    )?;
     assert_eq!(client, "pong");
-    srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     // bandwidth put a qdisc on our host veth.
-    let host_veth = result["interfaces"][1]["name"].as_str().unwrap_or_default().to_string();
-    let tc = node.host.exec("tc", &["qdisc", "show", "dev", &host_veth])?;
+    let host_veth = result["interfaces"][1]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let tc = node
+        .host
+        .exec("tc", &["qdisc", "show", "dev", &host_veth])?;
     assert!(tc.contains("tbf"), "{tc}");
     chain.del(&pod, &result)?;
     chain.del(&pod, &result)?;

@@ -22,7 +22,10 @@ fn two_pods_exchange_tcp_v4_and_v6() -> anyhow::Result<()> {
     assert_eq!(ra["cniVersion"], "1.1.0");
     assert_eq!(ra["interfaces"][2]["name"], "eth0");
     assert_eq!(ra["interfaces"][2]["mtu"], 1450);
-    assert_eq!(ra["interfaces"][2]["sandbox"], a.path().display().to_string());
+    assert_eq!(
+        ra["interfaces"][2]["sandbox"],
+        a.path().display().to_string()
+    );
     assert_eq!(ra["ips"][0]["gateway"], "10.91.0.1");
     assert_eq!(ra["routes"][1]["dst"], "::/0");
     for v4 in [true, false] {
@@ -31,12 +34,23 @@ fn two_pods_exchange_tcp_v4_and_v6() -> anyhow::Result<()> {
     }
     // Gateway, hairpin and masquerade are in place on the node.
     let br = node.host.exec("ip", &["addr", "show", "kbr0"])?;
-    assert!(br.contains("10.91.0.1/24") && br.contains("fd00:91::1/64"), "{br}");
-    let veth = ra["interfaces"][1]["name"].as_str().unwrap_or_default().to_string();
+    assert!(
+        br.contains("10.91.0.1/24") && br.contains("fd00:91::1/64"),
+        "{br}"
+    );
+    let veth = ra["interfaces"][1]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let detail = node.host.exec("ip", &["-d", "link", "show", &veth])?;
     assert!(detail.contains("hairpin on"), "{detail}");
-    let nft = node.host.exec("nft", &["list", "table", "ip", "keel-cni"])?;
-    assert!(nft.contains("masquerade") && nft.contains("10.91.0.0/24"), "{nft}");
+    let nft = node
+        .host
+        .exec("nft", &["list", "table", "ip", "keel-cni"])?;
+    assert!(
+        nft.contains("masquerade") && nft.contains("10.91.0.0/24"),
+        "{nft}"
+    );
     node.del("pod-a", Some(&a), &conf)?;
     node.del("pod-b", Some(&b), &conf)?;
     assert!(node.allocations().is_empty());
@@ -124,7 +138,10 @@ fn status_and_exhaustion() -> anyhow::Result<()> {
     let full = node.invoke("ADD", "c2", Some(&p2.path()), "eth0", &conf)?;
     assert_eq!(full.code(), 100, "{}", full.raw);
     assert_eq!(node.veths()?.len(), 1, "failed ADD left a veth");
-    assert!(p2.exec("ip", &["link", "show", "eth0"]).is_err(), "failed ADD left eth0 in the pod");
+    assert!(
+        p2.exec("ip", &["link", "show", "eth0"]).is_err(),
+        "failed ADD left eth0 in the pod"
+    );
     node.del("c1", Some(&p1), &conf)?;
     assert!(node.invoke("STATUS", "", None, "", &conf)?.ok);
     Ok(())
@@ -145,9 +162,19 @@ fn gc_frees_a_leaked_allocation_and_veth() -> anyhow::Result<()> {
     assert!(r.ok, "{}", r.raw);
     assert_eq!(node.allocations().len(), 2);
     assert_eq!(node.veths()?.len(), 1);
-    assert!(leak.exec("ip", &["link", "show", "eth0"]).is_err(), "leaked pod side removed with its host end");
+    assert!(
+        leak.exec("ip", &["link", "show", "eth0"]).is_err(),
+        "leaked pod side removed with its host end"
+    );
     // The kept pod still works: talk to it from the node.
-    let gw_side = node.host.exec("ip", &["link", "show", rk["interfaces"][1]["name"].as_str().unwrap_or("-")])?;
+    let gw_side = node.host.exec(
+        "ip",
+        &[
+            "link",
+            "show",
+            rk["interfaces"][1]["name"].as_str().unwrap_or("-"),
+        ],
+    )?;
     assert!(gw_side.contains("UP"));
     let r = node.gc(&conf, &[])?;
     assert!(r.ok);
@@ -171,7 +198,13 @@ fn invalid_input_gives_codes_and_no_state() -> anyhow::Result<()> {
     let r = common::invoke_bin(
         common::BIN,
         &node.host,
-        &common::Env { command: "ADD", container_id: "c1", netns: Some(&pod.path()), ifname: "eth0", args: None },
+        &common::Env {
+            command: "ADD",
+            container_id: "c1",
+            netns: Some(&pod.path()),
+            ifname: "eth0",
+            args: None,
+        },
         &serde_json::Value::String("{not json".into()),
         &[],
     )?;
@@ -183,8 +216,21 @@ fn invalid_input_gives_codes_and_no_state() -> anyhow::Result<()> {
     overlap["ipam"]["ranges"] = json!([[{"subnet": "10.97.0.0/16"}], [{"subnet": "10.97.5.0/24"}]]);
     let r = add(&overlap)?;
     assert_eq!(r.code(), 7);
-    assert!(r.json["msg"].as_str().unwrap_or_default().contains("overlap"), "{}", r.raw);
-    let r = node.invoke("ADD", "c1", Some(std::path::Path::new("/run/netns/keel-no-such-ns")), "eth0", &good)?;
+    assert!(
+        r.json["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("overlap"),
+        "{}",
+        r.raw
+    );
+    let r = node.invoke(
+        "ADD",
+        "c1",
+        Some(std::path::Path::new("/run/netns/keel-no-such-ns")),
+        "eth0",
+        &good,
+    )?;
     assert_eq!(r.code(), 3, "{}", r.raw);
     let r = node.invoke("ADD", "c1", Some(&pod.path()), "eth0/../x", &good)?;
     assert_eq!(r.code(), 4, "{}", r.raw);
@@ -217,7 +263,13 @@ fn requested_ip_and_older_result_versions() -> anyhow::Result<()> {
     // CNI_ARGS IP= as well.
     let mut plain = node.conf("10.98.0.0/24", None);
     plain["cniVersion"] = json!("1.0.0");
-    let env = common::Env { command: "ADD", container_id: "c2", netns: Some(&pod.path()), ifname: "eth0", args: Some("IgnoreUnknown=1;IP=10.98.0.43") };
+    let env = common::Env {
+        command: "ADD",
+        container_id: "c2",
+        netns: Some(&pod.path()),
+        ifname: "eth0",
+        args: Some("IgnoreUnknown=1;IP=10.98.0.43"),
+    };
     let r = common::invoke_bin(common::BIN, &node.host, &env, &plain, &[])?;
     assert!(r.ok, "{}", r.raw);
     assert_eq!(r.json["ips"][0]["address"], "10.98.0.43/24");

@@ -25,13 +25,22 @@ fn five_hundred_add_del_cycles_leave_nothing() -> anyhow::Result<()> {
     assert!(node.allocations().is_empty(), "{:?}", node.allocations());
     assert!(node.veths()?.is_empty());
     let addrs = pod.exec("ip", &["-o", "addr", "show", "scope", "global"])?;
-    assert!(addrs.trim().is_empty(), "addresses left in the pod: {addrs}");
+    assert!(
+        addrs.trim().is_empty(),
+        "addresses left in the pod: {addrs}"
+    );
     let links = pod.exec("ip", &["-o", "link", "show"])?;
     assert_eq!(links.lines().count(), 1, "only lo should remain: {links}");
     Ok(())
 }
 
-fn spawn_add(node: &Node, cid: &str, pod: &NetnsGuard, conf: &serde_json::Value, stall: Option<&str>) -> anyhow::Result<std::process::Child> {
+fn spawn_add(
+    node: &Node,
+    cid: &str,
+    pod: &NetnsGuard,
+    conf: &serde_json::Value,
+    stall: Option<&str>,
+) -> anyhow::Result<std::process::Child> {
     let mut cmd = node.host.command(BIN);
     cmd.env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", cid)
@@ -46,7 +55,11 @@ fn spawn_add(node: &Node, cid: &str, pod: &NetnsGuard, conf: &serde_json::Value,
     }
     let mut child = cmd.spawn()?;
     use std::io::Write;
-    child.stdin.take().ok_or_else(|| anyhow::anyhow!("stdin"))?.write_all(conf.to_string().as_bytes())?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdin"))?
+        .write_all(conf.to_string().as_bytes())?;
     Ok(child)
 }
 
@@ -72,7 +85,13 @@ fn sigkill_during_add_then_gc_leaves_nothing() -> anyhow::Result<()> {
         let mut child = spawn_add(&node, &format!("stall-{i}"), &pod, &conf, Some(stall))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let reached = |node: &Node| match stall {
-            "allocated" => node.allocations().iter().filter(|a| !a.starts_with(".tmp")).count() >= 2 * (i + 1),
+            "allocated" => {
+                node.allocations()
+                    .iter()
+                    .filter(|a| !a.starts_with(".tmp"))
+                    .count()
+                    >= 2 * (i + 1)
+            }
             _ => node.veths().map(|v| !v.is_empty()).unwrap_or(false),
         };
         while !reached(&node) {
@@ -90,14 +109,22 @@ fn sigkill_during_add_then_gc_leaves_nothing() -> anyhow::Result<()> {
         kill9(&mut child)?;
         pods.push(pod);
     }
-    assert!(!node.allocations().is_empty(), "the stalled ADDs left allocations for GC to find");
+    assert!(
+        !node.allocations().is_empty(),
+        "the stalled ADDs left allocations for GC to find"
+    );
     let r = node.gc(&conf, &[])?;
     assert!(r.ok, "{}", r.raw);
     assert!(node.allocations().is_empty(), "{:?}", node.allocations());
     assert!(node.veths()?.is_empty(), "{:?}", node.veths()?);
     for pod in &pods {
         let links = pod.exec("ip", &["-o", "link", "show"])?;
-        assert_eq!(links.lines().count(), 1, "pod {} kept an interface: {links}", pod.name());
+        assert_eq!(
+            links.lines().count(),
+            1,
+            "pod {} kept an interface: {links}",
+            pod.name()
+        );
     }
     // And the network still works afterwards.
     let fresh = NetnsGuard::new()?;

@@ -101,6 +101,25 @@ pub fn remove_dir_all_if_exists(path: &Path) -> Result<(), FsError> {
     }
 }
 
+/// Asks the kernel to start writing a file range to disk now, without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Writers of large amounts of data call it as they
+/// go so that a later fsync/syncfs finds most of the data already on disk: the disk then works
+/// while the writer is still busy. Only a hint: errors (e.g. on filesystems that do not support
+/// it) are ignored, durability still comes from the later sync.
+pub fn start_writeback(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; an invalid fd or range makes it
+    // return an error, never touch memory.
+    let _ = unsafe {
+        libc::sync_file_range(
+            fd.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 /// An exclusive flock held until drop. Serializes work between threads *and* processes (a CLI
 /// pull beside the CRI daemon) on one key.
 #[derive(Debug)]

@@ -5,6 +5,7 @@
 //! in the runtime issue. It must not know about CRI or Kubernetes types: keel-cri and keel-agent
 //! translate to and from it.
 
+pub mod container;
 pub mod fsutil;
 pub mod image;
 

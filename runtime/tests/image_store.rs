@@ -171,9 +171,9 @@ async fn repull_downloads_nothing_and_concurrent_pulls_work_once() {
     assert!(reports.iter().all(|x| x.image.id == reports[0].image.id));
 
     let blob = root.path().join(format!(
-        "images/content/blobs/sha256/{}",
+        "images/snapshots/{}",
         reports[0].image.layers[2]
-            .digest
+            .diff_id
             .trim_start_matches("sha256:")
     ));
     let before = std::fs::metadata(&blob).unwrap();

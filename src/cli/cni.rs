@@ -63,8 +63,11 @@ pub mod ipnet_arg {
     impl std::str::FromStr for Net {
         type Err = String;
         fn from_str(s: &str) -> Result<Self, Self::Err> {
-            let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX"))?;
-            addr.parse::<std::net::IpAddr>().map_err(|e| format!("{s:?}: {e}"))?;
+            let (addr, len) = s
+                .split_once('/')
+                .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX"))?;
+            addr.parse::<std::net::IpAddr>()
+                .map_err(|e| format!("{s:?}: {e}"))?;
             len.parse::<u8>().map_err(|e| format!("{s:?}: {e}"))?;
             Ok(Net(s.to_string()))
         }

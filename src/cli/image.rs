@@ -114,25 +114,35 @@ pub fn run(root: &Path, config: &Config, cmd: ImageCommand) -> anyhow::Result<Ex
     rt.block_on(async {
         match cmd {
             ImageCommand::Pull(args) => pull(root, config, args).await,
-            ImageCommand::Ls(args) => ls(&open(root, &config.registry)?, args).await,
+            ImageCommand::Ls(args) => ls(&open(root, config, &config.registry)?, args).await,
             ImageCommand::Inspect { image } => {
-                inspect(&open(root, &config.registry)?, &image).await
+                inspect(&open(root, config, &config.registry)?, &image).await
             }
-            ImageCommand::Rm { images } => rm(&open(root, &config.registry)?, &images).await,
-            ImageCommand::Import { files } => import(&open(root, &config.registry)?, &files).await,
-            ImageCommand::Prune { all } => prune(&open(root, &config.registry)?, all).await,
+            ImageCommand::Rm { images } => {
+                rm(&open(root, config, &config.registry)?, &images).await
+            }
+            ImageCommand::Import { files } => {
+                import(&open(root, config, &config.registry)?, &files).await
+            }
+            ImageCommand::Prune { all } => prune(&open(root, config, &config.registry)?, all).await,
         }
     })
 }
 
-fn open(root: &Path, registry: &RegistryOptions) -> anyhow::Result<ImageStore> {
-    ImageStore::open(root, registry.clone())
+/// The node's image store with the config file's options (and `registry`, which flags may
+/// have extended).
+pub fn open(
+    root: &Path,
+    config: &Config,
+    registry: &RegistryOptions,
+) -> anyhow::Result<ImageStore> {
+    ImageStore::open_with(root, registry.clone(), config.images.clone())
         .with_context(|| format!("open image store under {}", root.display()))
 }
 
 async fn pull(root: &Path, config: &Config, args: PullArgs) -> anyhow::Result<ExitCode> {
     let opts = args.registry.apply(&config.registry)?;
-    let store = open(root, &opts)?;
+    let store = open(root, config, &opts)?;
     let mut req = PullRequest::new(&args.image);
     if let Some(c) = &args.creds {
         let (username, password) = c

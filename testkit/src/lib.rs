@@ -9,6 +9,7 @@
 //! namespaces it made.
 
 pub mod cgroup;
+pub mod etcd;
 pub mod image_builder;
 pub mod netns;
 pub mod registry;

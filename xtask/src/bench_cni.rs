@@ -37,7 +37,9 @@ pub fn run() -> anyhow::Result<()> {
     let keel = build_plugin()?;
     let node = NetnsGuard::new()?;
     let pod = NetnsGuard::new()?;
-    let data = tempfile::Builder::new().prefix("keel-bench-cni-").tempdir()?;
+    let data = tempfile::Builder::new()
+        .prefix("keel-bench-cni-")
+        .tempdir()?;
     let spec = json!({
         "keel": keel,
         "pod": pod.path(),
@@ -59,12 +61,23 @@ pub fn run() -> anyhow::Result<()> {
 
 fn rustix_is_root() -> bool {
     // xtask has no libc binding of its own; `id -u` is good enough for a bench precondition.
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
+/// `KEEL_CNI_BIN` names a prebuilt plugin; otherwise `cargo build --release` makes one.
 fn build_plugin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("KEEL_CNI_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
     let st = Command::new(cargo)
         .args(["build", "--release", "-p", "keel-cni", "--bin", "keel-cni"])
         .current_dir(&root)
@@ -72,7 +85,9 @@ fn build_plugin() -> anyhow::Result<PathBuf> {
     if !st.success() {
         bail!("building keel-cni failed");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     Ok(target.join("release").join("keel-cni"))
 }
 
@@ -96,11 +111,19 @@ fn invoke(p: &Plugin, command: &str, cid: &str, pod: &str) -> anyhow::Result<Dur
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawn {}", p.bin.display()))?;
-    child.stdin.take().context("stdin")?.write_all(p.conf.to_string().as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(p.conf.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     let took = start.elapsed();
     if !out.status.success() {
-        bail!("{} {command} failed: {}", p.label, String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "{} {command} failed: {}",
+            p.label,
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     Ok(took)
 }
@@ -144,12 +167,31 @@ fn inner(spec: &Value) -> anyhow::Result<()> {
         }
     }
     println!("CNI ADD+DEL latency, {CYCLES} cycles each, interleaved, same node namespace");
-    println!("{:<20} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}", "plugin", "ADD p50", "ADD p95", "DEL p50", "DEL p95", "ADD+DEL p50", "ADD+DEL p95");
+    println!(
+        "{:<20} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "plugin", "ADD p50", "ADD p95", "DEL p50", "DEL p95", "ADD+DEL p50", "ADD+DEL p95"
+    );
     let mut p50s = Vec::new();
     for (k, p) in [&keel, &reference].into_iter().enumerate() {
         let (a, d, t) = &mut samples[k];
-        let (a50, a95, d50, d95, t50, t95) = (pct(a, 50), pct(a, 95), pct(d, 50), pct(d, 95), pct(t, 50), pct(t, 95));
-        println!("{:<20} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}", p.label, ms(a50), ms(a95), ms(d50), ms(d95), ms(t50), ms(t95));
+        let (a50, a95, d50, d95, t50, t95) = (
+            pct(a, 50),
+            pct(a, 95),
+            pct(d, 50),
+            pct(d, 95),
+            pct(t, 50),
+            pct(t, 95),
+        );
+        println!(
+            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+            p.label,
+            ms(a50),
+            ms(a95),
+            ms(d50),
+            ms(d95),
+            ms(t50),
+            ms(t95)
+        );
         p50s.push((t50, t95));
     }
     let ratio50 = p50s[0].0.as_secs_f64() / p50s[1].0.as_secs_f64();

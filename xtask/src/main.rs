@@ -3,6 +3,7 @@
 //! anchor in the same run; `image` builds the busybox test images; `run` builds keel and
 //! starts the main job.
 
+mod bench_cni;
 mod bench_images;
 mod image;
 mod setup;
@@ -57,6 +58,8 @@ enum ImageTask {
 enum Bench {
     /// Image pull from a local registry: keel vs skopeo copy.
     Images,
+    /// CNI ADD+DEL latency: keel-cni vs the reference bridge + host-local plugins.
+    Cni,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             match which {
                 Bench::Images => bench_images::run(),
+                Bench::Cni => bench_cni::run(),
             }
         }
         Task::Image(ImageTask::Busybox(args)) => {

@@ -41,7 +41,13 @@ pub struct Env<'a> {
 }
 
 /// Runs `bin` in `host` with the CNI environment and `conf` on stdin.
-pub fn invoke_bin(bin: &str, host: &NetnsGuard, env: &Env<'_>, conf: &Value, extra_env: &[(&str, &str)]) -> anyhow::Result<Reply> {
+pub fn invoke_bin(
+    bin: &str,
+    host: &NetnsGuard,
+    env: &Env<'_>,
+    conf: &Value,
+    extra_env: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
     let mut cmd = host.command(bin);
     cmd.env("CNI_COMMAND", env.command)
         .env("CNI_CONTAINERID", env.container_id)
@@ -60,11 +66,28 @@ pub fn invoke_bin(bin: &str, host: &NetnsGuard, env: &Env<'_>, conf: &Value, ext
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().with_context(|| format!("spawn {bin}"))?;
-    child.stdin.take().context("stdin")?.write_all(conf.to_string().as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     let raw = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = if raw.trim().is_empty() { Value::Null } else { serde_json::from_str(&raw).with_context(|| format!("plugin printed non-JSON: {raw:?} (stderr {:?})", String::from_utf8_lossy(&out.stderr)))? };
-    Ok(Reply { ok: out.status.success(), json, raw })
+    let json = if raw.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&raw).with_context(|| {
+            format!(
+                "plugin printed non-JSON: {raw:?} (stderr {:?})",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?
+    };
+    Ok(Reply {
+        ok: out.status.success(),
+        json,
+        raw,
+    })
 }
 
 /// A test node: a "host" namespace the plugin runs in, and an allocation dir.
@@ -80,7 +103,12 @@ impl Node {
         let host = NetnsGuard::new()?;
         let state = StateRoot::new()?;
         // Bridge names only need to be unique per namespace, and each node has its own.
-        Ok(Node { host, state, bridge: "kbr0".into(), name: "testnet".into() })
+        Ok(Node {
+            host,
+            state,
+            bridge: "kbr0".into(),
+            name: "testnet".into(),
+        })
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -108,8 +136,27 @@ impl Node {
         })
     }
 
-    pub fn invoke(&self, command: &str, cid: &str, netns: Option<&Path>, ifname: &str, conf: &Value) -> anyhow::Result<Reply> {
-        invoke_bin(BIN, &self.host, &Env { command, container_id: cid, netns, ifname, args: None }, conf, &[])
+    pub fn invoke(
+        &self,
+        command: &str,
+        cid: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        conf: &Value,
+    ) -> anyhow::Result<Reply> {
+        invoke_bin(
+            BIN,
+            &self.host,
+            &Env {
+                command,
+                container_id: cid,
+                netns,
+                ifname,
+                args: None,
+            },
+            conf,
+            &[],
+        )
     }
 
     pub fn add(&self, cid: &str, pod: &NetnsGuard, conf: &Value) -> anyhow::Result<Value> {
@@ -132,14 +179,19 @@ impl Node {
     /// GC keeping only `valid` (container ids, ifname eth0).
     pub fn gc(&self, conf: &Value, valid: &[&str]) -> anyhow::Result<Reply> {
         let mut c = conf.clone();
-        c["cni.dev/valid-attachments"] = valid.iter().map(|id| json!({"containerID": id, "ifname": "eth0"})).collect();
+        c["cni.dev/valid-attachments"] = valid
+            .iter()
+            .map(|id| json!({"containerID": id, "ifname": "eth0"}))
+            .collect();
         self.invoke("GC", "", None, "", &c)
     }
 
     /// Allocation records (file names that are addresses) in the network's data dir.
     pub fn allocations(&self) -> Vec<String> {
         let dir = self.data_dir().join(&self.name);
-        let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
         rd.filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.parse::<IpAddr>().is_ok() || n.starts_with(".tmp-"))
@@ -172,9 +224,15 @@ pub fn addr_of(result: &Value, v4: bool) -> IpAddr {
 
 /// Sends "ping" from `client` to a listener in `server` on `ip`, expects "pong" back.
 pub fn tcp_exchange(server: &NetnsGuard, client: &NetnsGuard, ip: IpAddr) -> anyhow::Result<()> {
-    let sns = keel_cni::netns::open(&server.path())?;
-    let cns = keel_cni::netns::open(&client.path())?;
-    let listener = keel_cni::netns::run_in(sns.as_fd(), || TcpListener::bind(SocketAddr::new(ip, 0)))??;
+    tcp_exchange_paths(&server.path(), &client.path(), ip)
+}
+
+/// [`tcp_exchange`] between namespaces given by path (e.g. `/proc/<pid>/ns/net`).
+pub fn tcp_exchange_paths(server: &Path, client: &Path, ip: IpAddr) -> anyhow::Result<()> {
+    let sns = keel_cni::netns::open(server)?;
+    let cns = keel_cni::netns::open(client)?;
+    let listener =
+        keel_cni::netns::run_in(sns.as_fd(), || TcpListener::bind(SocketAddr::new(ip, 0)))??;
     let addr = listener.local_addr()?;
     let srv = std::thread::spawn(move || -> anyhow::Result<()> {
         let (mut s, _) = listener.accept()?;
@@ -185,14 +243,17 @@ pub fn tcp_exchange(server: &NetnsGuard, client: &NetnsGuard, ip: IpAddr) -> any
         s.write_all(b"pong")?;
         Ok(())
     });
-    let mut c = keel_cni::netns::run_in(cns.as_fd(), || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?
-        .with_context(|| format!("connect to {addr}"))?;
+    let mut c = keel_cni::netns::run_in(cns.as_fd(), || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    })?
+    .with_context(|| format!("connect to {addr}"))?;
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
     c.write_all(b"ping")?;
     let mut buf = [0u8; 4];
     c.read_exact(&mut buf)?;
     anyhow::ensure!(&buf == b"pong", "client got {buf:?}");
-    srv.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     Ok(())
 }
 

@@ -69,6 +69,27 @@ impl ContentStore {
         Ok(())
     }
 
+    /// Stores a small blob like [`Self::write`] but without fsync: the caller makes it durable
+    /// (syncfs) before anything refers to it. Returns whether it wrote anything.
+    pub fn write_unsynced(&self, digest: &str, data: &[u8]) -> Result<bool, ImageError> {
+        verify(digest, data, "blob")?;
+        let p = self.path(digest)?;
+        if p.exists() {
+            return Ok(false);
+        }
+        let tmp = self.ingest.join(format!(
+            ".{}.tmp-{}",
+            check_digest(digest)?,
+            rand::random::<u32>()
+        ));
+        std::fs::write(&tmp, data).ctx("write blob", &tmp)?;
+        if let Err(e) = std::fs::rename(&tmp, &p) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(FsError::new("commit blob", &p, e).into());
+        }
+        Ok(true)
+    }
+
     /// The lock serializing every writer of one digest, across threads and processes.
     pub fn lock(&self, digest: &str) -> Result<FileLock, ImageError> {
         let hex = check_digest(digest)?;
@@ -102,14 +123,7 @@ impl ContentStore {
 
     /// Every committed blob's digest.
     pub fn list(&self) -> Vec<String> {
-        let Ok(rd) = std::fs::read_dir(&self.blobs) else {
-            return Vec::new();
-        };
-        rd.flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .map(|hex| format!("sha256:{hex}"))
-            .filter(|d| check_digest(d).is_ok())
-            .collect()
+        super::reference::digests_in(&self.blobs)
     }
 
     pub fn delete(&self, digest: &str) -> Result<(), ImageError> {

@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 use super::compression::{self, Compression};
 use super::content::{self, sha256_digest};
 use super::metadata::{ImageRecord, LayerRecord};
-use super::pull::{self, BlobSink, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Resolved};
+use super::pull::{self, BlobSink, ConfigRootfs, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Resolved};
 use super::{ImageError, ImageStore, reference};
 use crate::fsutil::IoContext;
 
@@ -68,16 +68,6 @@ struct Desc {
     size: u64,
 }
 
-#[derive(Deserialize)]
-struct ConfigRootfs {
-    rootfs: Rootfs,
-}
-
-#[derive(Deserialize)]
-struct Rootfs {
-    diff_ids: Vec<String>,
-}
-
 /// One image found in a tarball, ready to be unpacked and recorded.
 struct Found {
     resolved: Resolved,
@@ -124,7 +114,9 @@ impl ImageStore {
                 let mut wrote = false;
                 for (layer, file) in layers.iter().zip(&files) {
                     let content = &store.inner.content;
-                    if store.inner.snapshots.exists(&layer.diff_id) && content.exists(&layer.digest)
+                    let want_blob = store.inner.options.keep_layer_blobs;
+                    if store.inner.snapshots.exists(&layer.diff_id)
+                        && (!want_blob || content.exists(&layer.digest))
                     {
                         continue;
                     }
@@ -154,7 +146,7 @@ impl ImageStore {
                             BlobSink::Verify(Sha256::new()),
                         )?;
                     }
-                    if !content.exists(&layer.digest) {
+                    if store.inner.options.keep_layer_blobs && !content.exists(&layer.digest) {
                         content.adopt(&layer.digest, file)?;
                     }
                     wrote = true;

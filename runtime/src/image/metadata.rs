@@ -121,11 +121,20 @@ impl MetaStore {
     /// off other images. The caller holds [`Self::lock`].
     pub fn upsert(&self, mut rec: ImageRecord) -> Result<ImageRecord, ImageError> {
         let all = self.load_all()?;
+        let mut unchanged = false;
         for mut other in all {
             if other.id == rec.id {
                 merge_names(&mut rec.repo_tags, &other.repo_tags);
                 merge_names(&mut rec.repo_digests, &other.repo_digests);
-                rec.added = other.added;
+                rec.added = other.added.clone();
+                // a re-pull that changes nothing writes (and fsyncs) nothing
+                if same_names(&rec, &other)
+                    && rec.manifest_digest == other.manifest_digest
+                    && rec.index_digest == other.index_digest
+                {
+                    rec = other;
+                    unchanged = true;
+                }
                 continue;
             }
             let before = other.repo_tags.len();
@@ -134,7 +143,9 @@ impl MetaStore {
                 self.write(&other)?;
             }
         }
-        self.write(&rec)?;
+        if !unchanged {
+            self.write(&rec)?;
+        }
         Ok(rec)
     }
 
@@ -150,6 +161,11 @@ impl MetaStore {
     pub fn delete(&self, id: &str) -> Result<(), ImageError> {
         Ok(fsutil::remove_file_if_exists(&self.path(id)?)?)
     }
+}
+
+fn same_names(a: &ImageRecord, b: &ImageRecord) -> bool {
+    let set = |v: &[String]| v.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+    set(&a.repo_tags) == set(&b.repo_tags) && set(&a.repo_digests) == set(&b.repo_digests)
 }
 
 fn merge_names(into: &mut Vec<String>, from: &[String]) {

@@ -117,6 +117,17 @@ impl From<tokio::task::JoinError> for ImageError {
     }
 }
 
+/// How the store keeps images. Deserializable: the `[images]` table of keel's config file.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreOptions {
+    /// Keep each compressed layer blob in the content store after unpacking it (needed only to
+    /// export or re-push images). Off by default, as CRI-O's storage and containerd's
+    /// `discard_unpacked_layers` do: containers run from the snapshots, and storing every layer
+    /// twice doubles the data a pull must make durable.
+    pub keep_layer_blobs: bool,
+}
+
 /// Disk used by the image store (what CRI's ImageFsInfo reports).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FsUsage {
@@ -137,12 +148,24 @@ struct Inner {
     snapshots: snapshot::Snapshots,
     meta: metadata::MetaStore,
     registry: RegistryOptions,
-    client: oci_client::Client,
+    options: StoreOptions,
+    /// Built on the first pull: loading TLS roots is wasted work for `ls` or `import`, and must
+    /// not make them fail on a node without CA certificates.
+    client: std::sync::OnceLock<oci_client::Client>,
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) the store under `<state_root>/images`.
+    /// Opens (creating if needed) the store under `<state_root>/images`, with default options.
     pub fn open(state_root: &Path, registry: RegistryOptions) -> Result<Self, ImageError> {
+        Self::open_with(state_root, registry, StoreOptions::default())
+    }
+
+    /// Opens (creating if needed) the store under `<state_root>/images`.
+    pub fn open_with(
+        state_root: &Path,
+        registry: RegistryOptions,
+        options: StoreOptions,
+    ) -> Result<Self, ImageError> {
         registry.validate()?;
         let root = state_root.join("images");
         let locks = root.join("locks");
@@ -150,8 +173,9 @@ impl ImageStore {
             content: content::ContentStore::open(&root.join("content"), &locks)?,
             snapshots: snapshot::Snapshots::open(&root.join("snapshots"), &locks)?,
             meta: metadata::MetaStore::open(&root.join("meta"))?,
-            client: registry.client(),
+            client: std::sync::OnceLock::new(),
             registry,
+            options,
             root,
         };
         Ok(ImageStore {
@@ -165,6 +189,15 @@ impl ImageStore {
 
     pub fn registry_options(&self) -> &RegistryOptions {
         &self.inner.registry
+    }
+
+    /// The registry client, built on first use.
+    fn client(&self) -> Result<&oci_client::Client, ImageError> {
+        if let Some(c) = self.inner.client.get() {
+            return Ok(c);
+        }
+        let built = self.inner.registry.client()?;
+        Ok(self.inner.client.get_or_init(|| built))
     }
 
     /// Every image, sorted by first tag.

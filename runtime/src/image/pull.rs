@@ -133,14 +133,15 @@ struct Manifest {
     manifests: Option<Vec<Descriptor>>,
 }
 
+/// The part of an image config the store needs: the layers' diffIDs.
 #[derive(Deserialize)]
-struct ConfigRootfs {
-    rootfs: Rootfs,
+pub(super) struct ConfigRootfs {
+    pub rootfs: Rootfs,
 }
 
 #[derive(Deserialize)]
-struct Rootfs {
-    diff_ids: Vec<String>,
+pub(super) struct Rootfs {
+    pub diff_ids: Vec<String>,
 }
 
 /// A manifest resolved to one linux/amd64 image, with its config, ready to fetch layers.
@@ -198,7 +199,7 @@ impl ImageStore {
                 None => self.inner.registry.auth_for(r.registry()),
             }
         };
-        let client = &self.inner.client;
+        let client = self.client()?;
         let ctx = Ctx {
             reference: req.reference.clone(),
             registry: ep.host.clone(),
@@ -277,13 +278,16 @@ impl ImageStore {
     ) -> Result<ImageRecord, ImageError> {
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
+            // Blobs are renamed into place unsynced; one syncfs then makes them and the new
+            // layers durable together, before the record that names them is written.
             let content = &store.inner.content;
-            content.write(&resolved.config_digest, &resolved.config)?;
-            content.write(&resolved.manifest_digest, &resolved.manifest)?;
+            let mut wrote = wrote_layers;
+            wrote |= content.write_unsynced(&resolved.config_digest, &resolved.config)?;
+            wrote |= content.write_unsynced(&resolved.manifest_digest, &resolved.manifest)?;
             if let Some((d, bytes)) = &resolved.index {
-                content.write(d, bytes)?;
+                wrote |= content.write_unsynced(d, bytes)?;
             }
-            if wrote_layers {
+            if wrote {
                 store.syncfs()?;
             }
             let rec = ImageRecord {
@@ -336,15 +340,16 @@ impl ImageStore {
             let content = self.inner.content.clone();
             let snapshots = self.inner.snapshots.clone();
             let layer = layer.clone();
+            let keep_blob = self.inner.options.keep_layer_blobs;
             tokio::task::spawn_blocking(move || {
                 let mut src = ChannelReader {
                     rx,
                     cur: Bytes::new(),
                 };
-                let sink = if content.exists(&layer.digest) {
-                    BlobSink::Verify(Sha256::new())
-                } else {
+                let sink = if keep_blob && !content.exists(&layer.digest) {
                     BlobSink::Store(content.ingest(&layer.digest)?)
+                } else {
+                    BlobSink::Discard
                 };
                 unpack_stream(&snapshots, &layer, compression, &mut src, sink)
             })
@@ -394,13 +399,18 @@ pub(super) enum BlobSink {
     Store(Ingest),
     /// Only hashed: the blob is already a file the caller adopts afterwards (an import).
     Verify(Sha256),
+    /// Dropped: the bytes were verified on the way in (oci-client's verifying stream checks
+    /// every downloaded blob; a mismatch ends the stream with an error the puller reports).
+    Discard,
 }
 
 impl BlobSink {
-    fn digest(&self) -> String {
+    /// The digest of what went through, when this sink computes one.
+    fn digest(&self) -> Option<String> {
         match self {
-            BlobSink::Store(i) => i.digest(),
-            BlobSink::Verify(h) => format!("sha256:{}", hex::encode(h.clone().finalize())),
+            BlobSink::Store(i) => Some(i.digest()),
+            BlobSink::Verify(h) => Some(format!("sha256:{}", hex::encode(h.clone().finalize()))),
+            BlobSink::Discard => None,
         }
     }
 }
@@ -413,13 +423,14 @@ impl Write for BlobSink {
                 h.update(buf);
                 Ok(buf.len())
             }
+            BlobSink::Discard => Ok(buf.len()),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             BlobSink::Store(i) => i.flush(),
-            BlobSink::Verify(_) => Ok(()),
+            BlobSink::Verify(_) | BlobSink::Discard => Ok(()),
         }
     }
 }
@@ -449,12 +460,14 @@ pub(super) fn unpack_stream(
     // Whatever happened, read the rest so the blob digest covers every byte: a corrupt blob must
     // be reported as a digest mismatch, not as the unpack error its corruption caused.
     let drained = io::copy(&mut tee, &mut io::sink());
-    let actual_blob = sink.digest();
-    if actual_blob != layer.digest && drained.is_ok() {
+    if let Some(actual) = sink.digest()
+        && actual != layer.digest
+        && drained.is_ok()
+    {
         return Err(ImageError::DigestMismatch {
             what: format!("layer blob {}", layer.digest),
             expected: layer.digest.clone(),
-            actual: actual_blob,
+            actual,
         });
     }
     let unpack_err = |e: io::Error| ImageError::Unpack {

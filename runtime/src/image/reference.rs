@@ -62,6 +62,19 @@ pub fn check_digest(digest: &str) -> Result<&str, ImageError> {
     })
 }
 
+/// The digests named by the entries of a directory whose files are `<64 hex>` (blobs,
+/// snapshots); anything else in it (work files, locks) is ignored.
+pub fn digests_in(dir: &std::path::Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .map(|hex| format!("sha256:{hex}"))
+        .filter(|d| check_digest(d).is_ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,8 +112,9 @@ impl RegistryOptions {
     }
 
     /// An oci-client configured for these settings: HTTPS except the insecure registries and
-    /// plain-HTTP mirrors; only linux/amd64 is chosen from indexes by our own resolver.
-    pub fn client(&self) -> oci_client::Client {
+    /// plain-HTTP mirrors. Fails (instead of panicking, as `Client::new` does) when the TLS
+    /// setup is impossible, e.g. a node without CA certificates.
+    pub fn client(&self) -> Result<oci_client::Client, ImageError> {
         let mut plain: Vec<String> = self.insecure.clone();
         plain.extend(
             self.mirrors
@@ -123,12 +124,17 @@ impl RegistryOptions {
                 .filter(|e| e.plain_http)
                 .map(|e| e.host),
         );
-        oci_client::Client::new(ClientConfig {
+        oci_client::Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(plain),
             connect_timeout: Some(std::time::Duration::from_secs(10)),
             read_timeout: Some(std::time::Duration::from_secs(60)),
             user_agent: concat!("keel/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
+        })
+        .map_err(|e| ImageError::Config {
+            reason: format!(
+                "cannot set up the registry client (are CA certificates installed?): {e}"
+            ),
         })
     }
 }

@@ -59,14 +59,7 @@ impl Snapshots {
 
     /// Every committed snapshot's diffID.
     pub fn list(&self) -> Vec<String> {
-        let Ok(rd) = std::fs::read_dir(&self.root) else {
-            return Vec::new();
-        };
-        rd.flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .map(|hex| format!("sha256:{hex}"))
-            .filter(|d| check_digest(d).is_ok())
-            .collect()
+        super::reference::digests_in(&self.root)
     }
 
     /// Removes a committed snapshot. The caller makes sure no container uses it.

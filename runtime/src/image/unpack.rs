@@ -74,6 +74,8 @@ use rustix::fs::{
 use rustix::io::Errno;
 use tar::EntryType;
 
+use crate::fsutil;
+
 /// Copy buffer for file contents: big writes keep the syscall count per MiB low.
 const COPY_BUF: usize = 256 * 1024;
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -150,6 +152,10 @@ pub enum UnpackError {
 /// Unpacks the uncompressed layer tar `tar` into `dest`, an existing empty directory, and reads
 /// `tar` to its end so a hashing reader around it has seen every byte. Blocking: call it from a
 /// blocking thread. Must run as root (chown, mknod, trusted xattrs).
+/// Written file data is handed to the disk every this many bytes (see
+/// [`fsutil::start_writeback`]), so the final syncfs of a pull has little left to wait for.
+const WRITEBACK_CHUNK: u64 = 4 * 1024 * 1024;
+
 pub fn unpack_layer<R: Read>(
     tar: R,
     dest: &Path,
@@ -313,6 +319,7 @@ impl Unpacker<'_> {
         let mut file = File::from(fd);
         let want = entry.size();
         let mut got = 0u64;
+        let mut flushed = 0u64;
         loop {
             let n = match entry.read(&mut self.buf) {
                 Ok(0) => break,
@@ -323,6 +330,13 @@ impl Unpacker<'_> {
             file.write_all(&self.buf[..n])
                 .map_err(|e| entry_err(raw, "write content", e))?;
             got += n as u64;
+            if got - flushed >= WRITEBACK_CHUNK {
+                fsutil::start_writeback(file.as_fd(), flushed, got - flushed);
+                flushed = got;
+            }
+        }
+        if got > flushed {
+            fsutil::start_writeback(file.as_fd(), flushed, got - flushed);
         }
         if got != want {
             return Err(UnpackError::Truncated {

@@ -1,0 +1,257 @@
+//! exec-sync: runs a command in a running container and returns its output and exit code,
+//! killing it when the timeout passes.
+//!
+//! libcontainer forks without the atfork handlers a multi-threaded caller would need, so the
+//! tenant process is started by a short-lived helper, the keel binary re-executed as
+//! `keel __exec <run dir> <bundle> <id> <timeout ms> <status file> -- CMD...`. The helper's
+//! stdout/stderr are the command's; it reports exit code and timeout in the status file.
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use serde::{Deserialize, Serialize};
+
+use super::state::{read_json, write_json};
+use super::{ContainerError, ContainerRuntime, Status};
+
+/// First argument of an exec helper invocation.
+pub const EXEC_ARG: &str = "__exec";
+
+/// The outcome of an exec-sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HelperStatus {
+    exit_code: i32,
+    timed_out: bool,
+    error: Option<String>,
+}
+
+/// Cap on captured output per stream (what CRI's ExecSync allows).
+const MAX_OUTPUT: usize = 16 << 20;
+
+fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let out = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut b) = out.lock()
+                && b.len() < MAX_OUTPUT
+            {
+                b.extend_from_slice(&chunk[..n]);
+            }
+        }
+    });
+    buf
+}
+
+fn take(buf: &Arc<Mutex<Vec<u8>>>) -> Vec<u8> {
+    buf.lock()
+        .map(|mut b| std::mem::take(&mut *b))
+        .unwrap_or_default()
+}
+
+impl ContainerRuntime {
+    /// Runs `cmd` in the running container `id`. `timeout` None waits forever.
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Option<Duration>,
+    ) -> Result<ExecResult, ContainerError> {
+        let info = self.status(id)?;
+        if info.status != Status::Running {
+            return Err(ContainerError::InvalidState {
+                id: id.to_string(),
+                op: "exec in",
+                status: info.status.to_string(),
+            });
+        }
+        let err = |reason: String| ContainerError::Exec {
+            id: id.to_string(),
+            reason,
+        };
+        if cmd.is_empty() {
+            return Err(err("empty command".into()));
+        }
+        let status_file = self
+            .paths
+            .dir(id)
+            .join(format!("exec-{:08x}.json", rand::random::<u32>()));
+        let exe = self.monitor_exe()?;
+        let timeout_ms = timeout.map(|t| t.as_millis().max(1) as u64).unwrap_or(0);
+        let mut child = Command::new(&exe)
+            .arg(EXEC_ARG)
+            .arg(&self.paths.run)
+            .arg(self.paths.bundle(id).join("config.json"))
+            .arg(id)
+            .arg(timeout_ms.to_string())
+            .arg(&status_file)
+            .arg("--")
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err(format!("spawn {}: {e}", exe.display())))?;
+        let out = child.stdout.take().map(collect);
+        let errb = child.stderr.take().map(collect);
+        let status = child.wait().map_err(|e| err(format!("wait helper: {e}")))?;
+        let result: Option<HelperStatus> = read_json(&status_file).ok().flatten();
+        let _ = std::fs::remove_file(&status_file);
+        // Background processes of the command may keep the pipes open: give the readers a
+        // moment to drain, then take what they have.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < deadline
+            && (out.as_ref().is_some_and(|b| Arc::strong_count(b) > 1)
+                || errb.as_ref().is_some_and(|b| Arc::strong_count(b) > 1))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let result =
+            result.ok_or_else(|| err(format!("helper exited with {status} and no status")))?;
+        if let Some(e) = result.error {
+            return Err(err(e));
+        }
+        Ok(ExecResult {
+            exit_code: result.exit_code,
+            stdout: out.as_ref().map(take).unwrap_or_default(),
+            stderr: errb.as_ref().map(take).unwrap_or_default(),
+            timed_out: result.timed_out,
+        })
+    }
+}
+
+/// The helper's entry (see the module doc). Returns its exit code.
+pub fn helper_main(args: &[String]) -> i32 {
+    let (Some(run), Some(spec), Some(id), Some(timeout), Some(status_file), Some("--")) = (
+        args.first(),
+        args.get(1),
+        args.get(2),
+        args.get(3).and_then(|t| t.parse::<u64>().ok()),
+        args.get(4),
+        args.get(5).map(String::as_str),
+    ) else {
+        eprintln!("usage: keel {EXEC_ARG} RUN_DIR SPEC ID TIMEOUT_MS STATUS_FILE -- CMD...");
+        return 2;
+    };
+    let cmd = args[6..].to_vec();
+    let status_file = PathBuf::from(status_file);
+    let status = match run_helper(Path::new(run), Path::new(spec), id, timeout, cmd) {
+        Ok(s) => s,
+        Err(e) => HelperStatus {
+            error: Some(e),
+            ..Default::default()
+        },
+    };
+    match write_json(&status_file, &status) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("exec helper: {e}");
+            1
+        }
+    }
+}
+
+fn dup(fd: i32) -> Result<OwnedFd, String> {
+    // SAFETY: fds 1 and 2 are open for the whole life of the helper; dup gives an owned copy.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    borrowed
+        .try_clone_to_owned()
+        .map_err(|e| format!("dup fd {fd}: {e}"))
+}
+
+fn run_helper(
+    run: &Path,
+    spec_path: &Path,
+    id: &str,
+    timeout_ms: u64,
+    cmd: Vec<String>,
+) -> Result<HelperStatus, String> {
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    let spec = oci_spec::runtime::Spec::load(spec_path).map_err(|e| format!("load spec: {e}"))?;
+    let user = spec.process().as_ref().map(|p| p.user().clone());
+    let cwd = spec.process().as_ref().map(|p| p.cwd().clone());
+    let stdin = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(run)
+        .map_err(|e| format!("run dir: {e}"))?
+        .with_stdin(stdin)
+        .with_stdout(dup(1)?)
+        .with_stderr(dup(2)?)
+        .as_tenant()
+        .with_container_args(cmd)
+        .with_cwd(cwd)
+        .with_detach(false)
+        .as_sibling(false);
+    if let Some(u) = user {
+        builder = builder
+            .with_user(Some(u.uid()))
+            .with_group(Some(u.gid()))
+            .with_additional_gids(u.additional_gids().clone().unwrap_or_default());
+    }
+    let pid = builder.build().map_err(|e| format!("exec: {e}"))?;
+    let fd = rustix::process::Pid::from_raw(pid.as_raw())
+        .ok_or("bad pid")
+        .and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                .map_err(|_| "pidfd_open")
+        })
+        .map_err(|e| e.to_string())?;
+    let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
+    let mut timed_out = false;
+    loop {
+        let wait_ms: i32 = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    timed_out = true;
+                    let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+                    break;
+                }
+                left.as_millis().min(i32::MAX as u128) as i32
+            }
+            None => -1,
+        };
+        let timeout = if wait_ms < 0 {
+            nix::poll::PollTimeout::NONE
+        } else {
+            nix::poll::PollTimeout::try_from(wait_ms).unwrap_or(nix::poll::PollTimeout::MAX)
+        };
+        let mut pfd = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut pfd, timeout) {
+            Ok(n) if n > 0 => break,
+            _ => continue,
+        }
+    }
+    let status = nix::sys::wait::waitpid(pid, None).map_err(|e| format!("wait: {e}"))?;
+    let exit_code = match status {
+        nix::sys::wait::WaitStatus::Exited(_, c) => c,
+        nix::sys::wait::WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+        _ => 255,
+    };
+    Ok(HelperStatus {
+        exit_code,
+        timed_out,
+        error: None,
+    })
+}

@@ -1,0 +1,406 @@
+//! The per-container monitor: the keel binary re-executed as `keel __monitor <containers>
+//! <run> <id>`. It detaches (fork, setsid), becomes the child subreaper, creates the container
+//! with libcontainer with its stdio on pipes it owns, and tells the spawner "ok" or the error
+//! on its stdout. Then it copies the container's output into the CRI log (SIGUSR1 reopens
+//! the file after rotation), reaps the init and whatever is reparented to it, and writes
+//! `exit.json` (exit code, signal, OOM kill, finish time) atomically before exiting.
+//!
+//! It outlives the daemon and the CLI that spawned it. It must stay small: no async runtime,
+//! no threads, one poll loop over two pipes and a signalfd.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::cgroups;
+use super::crilog::{CriLogWriter, Stream};
+use super::state::{ContainerRecord, ExitRecord, Paths, RunState, read_json, write_json};
+use super::sys::ProcessId;
+
+/// First argument of a monitor invocation.
+pub const MONITOR_ARG: &str = "__monitor";
+
+/// What the monitor says on its stdout when the container is created.
+pub const READY: &str = "ok";
+
+/// If argv[1] names one of the hidden helper roles (monitor, exec), runs it and returns its
+/// exit code; otherwise `None`. Call first thing in `main` of any binary used as monitor.
+pub fn hidden_main() -> Option<i32> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let role = args.get(1)?.to_str()?;
+    let rest: Vec<String> = args[2..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    match role {
+        MONITOR_ARG => Some(main(&rest)),
+        super::container_exec::EXEC_ARG => Some(super::container_exec::helper_main(&rest)),
+        _ => None,
+    }
+}
+
+/// The monitor's entry: `<containers dir> <run dir> <id>`. Returns the process exit code.
+pub fn main(args: &[String]) -> i32 {
+    let [containers, run, id] = args else {
+        eprintln!("usage: keel {MONITOR_ARG} CONTAINERS_DIR RUN_DIR ID");
+        return 2;
+    };
+    let paths = Paths {
+        containers: PathBuf::from(containers),
+        run: PathBuf::from(run),
+    };
+    // SAFETY: the process is single-threaded here (nothing has spawned a thread), so the
+    // child may run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => return 0,
+        Ok(nix::unistd::ForkResult::Child) => {}
+        Err(e) => {
+            println!("error: fork monitor: {e}");
+            return 1;
+        }
+    }
+    let _ = nix::unistd::setsid();
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    redirect_stderr(&paths.monitor_log(id));
+    // libcontainer explains failures (a mount that failed, ...) only through tracing.
+    // A plain level, not an EnvFilter: its regexes would cost the monitor memory for good.
+    let level = std::env::var("KEEL_MONITOR_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::ERROR);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    match Monitor::start(&paths, id) {
+        Ok(m) => {
+            say(READY);
+            detach_stdout();
+            // Creating the container used memory the watch loop never needs again.
+            // SAFETY: malloc_trim only releases free heap pages; no pointer is invalidated.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            m.run();
+            0
+        }
+        Err(e) => {
+            eprintln!("monitor {id}: {e}");
+            say(&format!("error: {e}"));
+            1
+        }
+    }
+}
+
+fn say(msg: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{msg}");
+    let _ = out.flush();
+}
+
+fn redirect_stderr(path: &Path) {
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = nix::unistd::dup2(f.as_raw_fd(), 2);
+    }
+}
+
+/// Points stdout at /dev/null so the spawner sees EOF on the ready pipe.
+fn detach_stdout() {
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+}
+
+struct Monitor {
+    paths: Paths,
+    record: ContainerRecord,
+    init: Pid,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    signals: SignalFd,
+    log: Option<CriLogWriter>,
+}
+
+/// Whether a process with the init's pid still exists (zombie included: it is ours to reap).
+fn init_exists(pid: Pid) -> bool {
+    nix::sys::signal::kill(pid, None).is_ok()
+}
+
+/// Whatever is buffered in a pipe, without blocking.
+fn drain(fd: &OwnedFd) -> String {
+    let _ = nix::fcntl::fcntl(
+        fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+        if n == 0 || out.len() > 64 * 1024 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+}
+
+impl Monitor {
+    fn start(paths: &Paths, id: &str) -> Result<Monitor, String> {
+        let record: ContainerRecord = read_json(&paths.record(id))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("container {id}: no record"))?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let stdin = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+        if let Some(parent) = record.log_path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let log = CriLogWriter::open(&record.log_path)
+            .map_err(|e| format!("open log {}: {e}", record.log_path.display()))?;
+        std::fs::create_dir_all(&paths.run)
+            .map_err(|e| format!("create run dir {}: {e}", paths.run.display()))?;
+
+        let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+            .with_root_path(&paths.run)
+            .map_err(|e| format!("run dir: {e}"))?
+            .with_stdin(stdin)
+            .with_stdout(out_w)
+            .with_stderr(err_w)
+            .validate_id()
+            .map_err(|e| format!("container id: {e}"))?
+            .as_init(paths.bundle(id))
+            .with_systemd(false)
+            .with_detach(true)
+            .as_sibling(false)
+            .build()
+            .map_err(|e| {
+                // libcontainer's init reports the cause on the container's stderr.
+                let detail = drain(&err_r);
+                format!("create container: {e}: {}", detail.trim())
+            })?;
+        let init = container
+            .pid()
+            .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
+
+        // Block the signals we handle only now: the container must not inherit the mask.
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGCHLD,
+            Signal::SIGUSR1,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .map_err(|e| format!("block signals: {e}"))?;
+        // SAFETY: setting SIG_IGN installs no handler code; the process is single-threaded.
+        let _ = unsafe {
+            nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn)
+        };
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(|e| format!("signalfd: {e}"))?;
+
+        let state = RunState {
+            monitor: ProcessId::of(std::process::id() as i32).ok(),
+            init: ProcessId::of(init.as_raw()).ok(),
+            started_at: None,
+        };
+        write_json(&paths.run_state(id), &state).map_err(|e| e.to_string())?;
+        Ok(Monitor {
+            paths: paths.clone(),
+            record,
+            init,
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            signals,
+            log: Some(log),
+        })
+    }
+
+    fn write_log(&mut self, stream: Stream, data: &[u8]) {
+        if let Some(log) = &mut self.log
+            && let Err(e) = log.write(stream, data)
+        {
+            eprintln!("monitor {}: write log: {e}", self.record.id);
+        }
+    }
+
+    /// Reads one chunk from a pipe; false at EOF.
+    fn pump(&mut self, stream: Stream, buf: &mut [u8]) -> bool {
+        let fd = match stream {
+            Stream::Stdout => self.stdout.as_ref(),
+            Stream::Stderr => self.stderr.as_ref(),
+        };
+        let Some(fd) = fd else { return false };
+        match nix::unistd::read(fd.as_raw_fd(), buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.write_log(stream, &buf[..n]);
+                true
+            }
+            Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => true,
+            Err(_) => false,
+        }
+    }
+
+    fn close(&mut self, stream: Stream) {
+        match stream {
+            Stream::Stdout => self.stdout = None,
+            Stream::Stderr => self.stderr = None,
+        }
+        if let Some(log) = &mut self.log {
+            let _ = log.finish(stream);
+        }
+    }
+
+    /// Reaps every exited child; returns the init's status once seen.
+    fn reap(&self) -> Option<(i32, Option<i32>)> {
+        let mut init_status = None;
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == self.init => {
+                    init_status = Some((code, None));
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == self.init => {
+                    init_status = Some((128 + sig as i32, Some(sig as i32)));
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return init_status,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn run(mut self) {
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut exit = self.reap();
+        let mut idle_after_exit = 0;
+        loop {
+            if exit.is_some() && self.stdout.is_none() && self.stderr.is_none() {
+                break;
+            }
+            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let mut streams = Vec::new();
+            if let Some(fd) = &self.stdout {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                streams.push(Stream::Stdout);
+            }
+            if let Some(fd) = &self.stderr {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                streams.push(Stream::Stderr);
+            }
+            // Once init is gone, processes that inherited its stdio (host pid namespace) get
+            // two seconds of quiet before the monitor stops waiting for them.
+            // With both pipes closed and no status yet, check now and then that the init still
+            // exists: one that escaped the reaper must not leave the monitor waiting forever.
+            let pipes_closed = self.stdout.is_none() && self.stderr.is_none();
+            let timeout = if exit.is_some() || pipes_closed {
+                PollTimeout::from(500u16)
+            } else {
+                PollTimeout::NONE
+            };
+            let n = match poll(&mut fds, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("monitor {}: poll: {e}", self.record.id);
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if n == 0 && exit.is_none() {
+                exit = self.reap();
+                if exit.is_none() && !init_exists(self.init) {
+                    break;
+                }
+                continue;
+            }
+            if n == 0 {
+                idle_after_exit += 1;
+                if idle_after_exit >= 4 {
+                    break;
+                }
+                continue;
+            }
+            idle_after_exit = 0;
+            let revents: Vec<PollFlags> = fds
+                .iter()
+                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                .collect();
+            drop(fds);
+            if !revents[0].is_empty() {
+                while let Ok(Some(info)) = self.signals.read_signal() {
+                    if info.ssi_signo == Signal::SIGUSR1 as u32
+                        && let Some(log) = &mut self.log
+                        && let Err(e) = log.reopen()
+                    {
+                        eprintln!("monitor {}: reopen log: {e}", self.record.id);
+                    }
+                }
+                if exit.is_none() {
+                    exit = self.reap();
+                } else {
+                    self.reap();
+                }
+            }
+            for (i, stream) in streams.into_iter().enumerate() {
+                let ev = revents[i + 1];
+                if ev.intersects(PollFlags::POLLIN) {
+                    if !self.pump(stream, &mut buf) {
+                        self.close(stream);
+                    }
+                } else if ev
+                    .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
+                {
+                    self.close(stream);
+                }
+            }
+        }
+        for s in [Stream::Stdout, Stream::Stderr] {
+            if self.log.is_some() {
+                self.close(s);
+            }
+        }
+        self.log = None;
+        let (exit_code, signal, reason) = match exit {
+            Some((code, sig)) => (code, sig, None),
+            None => (255, None, Some("init status lost".to_string())),
+        };
+        let record = ExitRecord {
+            exit_code,
+            signal,
+            oom_killed: cgroups::oom_killed(&self.record.cgroups_path),
+            finished_at: chrono::Utc::now(),
+            reason,
+        };
+        if let Err(e) = write_json(&self.paths.exit(&self.record.id), &record) {
+            eprintln!("monitor {}: write exit status: {e}", self.record.id);
+        }
+        // Orphans of the container that still hold us as reaper.
+        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+    }
+}
