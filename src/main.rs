@@ -45,6 +45,8 @@ enum Command {
     Ctr(cli::ctr::CtrCommand),
     /// CNI plugin tasks: install the keel-cni binary and a conflist.
     Cni(cli::cni::CniArgs),
+    /// Serve the Kubernetes CRI (RuntimeService, ImageService) on a unix socket.
+    Cri(cli::cri::CriArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             Command::Image(cmd) => cli::image::run(&cli.root, &config, cmd),
             Command::Ctr(cmd) => cli::ctr::run(&cli.root, &config, cmd),
             Command::Cni(args) => cli::cni::run(args).map(|()| ExitCode::SUCCESS),
+            Command::Cri(args) => cli::cri::run(&cli.root, &config, args),
         }
     })();
     match result {

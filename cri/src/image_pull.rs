@@ -6,7 +6,6 @@
 //! [`credentials`] for how its fields become keel-runtime [`Credentials`].
 
 use base64::Engine as _;
-use keel_runtime::ImageStore;
 use keel_runtime::image::{Credentials, PullEvent, PullRequest, reference};
 
 use crate::image_convert::image_name;
@@ -26,10 +25,7 @@ pub(crate) async fn pull_image(
             "auth config not for this registry"
         );
     }
-    let store = match &creds {
-        Some(c) => store_with_credentials(svc, parsed.registry(), c).await?,
-        None => svc.images.clone(),
-    };
+    let store = svc.images.clone();
     let mut pull = PullRequest::new(name);
     pull.credentials = creds;
     let pull = pull.progress(|ev| match ev {
@@ -52,27 +48,6 @@ pub(crate) async fn pull_image(
     Ok(api::PullImageResponse {
         image_ref: report.image.id,
     })
-}
-
-/// A store whose registry client holds `creds` for `registry`, for one pull.
-///
-/// Why not the shared store with `PullRequest::credentials`: oci-client keeps the first auth it
-/// sees per registry for the client's lifetime (`store_auth_if_needed`), and caches tokens per
-/// repository, so in a long-lived daemon the first pull's credentials (or their absence) would
-/// answer for every later pull from that registry: one wrong password would lock the registry
-/// out until restart, and one pod's pull secret would serve pods without it. A client per
-/// credentialed pull keeps each pull's credentials its own; anonymous and configured-credential
-/// pulls share the long-lived client, whose auth per registry never changes. The on-disk store is
-/// shared safely (flocks), as between processes.
-async fn store_with_credentials(
-    svc: &CriService,
-    registry: &str,
-    creds: &Credentials,
-) -> Result<ImageStore, CriError> {
-    let mut opts = svc.images.registry_options().clone();
-    opts.auths.insert(registry.to_owned(), creds.clone());
-    let root = svc.settings.root.clone();
-    Ok(tokio::task::spawn_blocking(move || ImageStore::open(&root, opts)).await??)
 }
 
 /// The credentials a CRI `AuthConfig` gives for `registry` (the image's registry host as

@@ -41,6 +41,7 @@ fn main() -> std::process::ExitCode {
             "exec_sync_output_code_and_timeout",
             exec_sync_output_code_and_timeout,
         ),
+        ("log_reopens_after_rotation", log_reopens_after_rotation),
     ])
 }
 
@@ -243,5 +244,34 @@ fn exec_sync_output_code_and_timeout() -> anyhow::Result<()> {
         start.elapsed()
     );
     ensure!(env.rt.status(&id)?.status == Status::Running);
+    Ok(())
+}
+
+fn log_reopens_after_rotation() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let id = env.run(&env.sh("echo first; sleep 2; echo second; sleep 300"))?;
+    let log = env.rt.status(&id)?.record.log_path;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("first")
+    {
+        ensure!(Instant::now() < deadline, "no first line");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated)?;
+    env.rt.reopen_log(&id)?;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("second")
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "second line not in the reopened log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(!std::fs::read_to_string(&rotated)?.contains("second"));
     Ok(())
 }

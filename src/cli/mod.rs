@@ -1,3 +1,4 @@
 pub mod cni;
+pub mod cri;
 pub mod ctr;
 pub mod image;

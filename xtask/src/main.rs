@@ -128,17 +128,25 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 
 fn run_main_job(root: &Path) -> anyhow::Result<()> {
     setup::run()?;
-    cargo(&["build", "--release", "--bin", "keel"])?;
+    cargo(&["build", "--release", "-p", "keel", "-p", "keel-cni"])?;
     let keel = workspace_root().join("target/release/keel");
-    println!("+ {} --root {} image ls", keel.display(), root.display());
+    let socket = "/run/keel/keel.sock";
+    println!(
+        "starting the CRI daemon on {socket} (state under {}); try:\n  \
+         {} --root {} image pull --insecure-registry HOST:PORT HOST:PORT/image:tag\n  \
+         point kubelet or crictl at unix://{socket}; Ctrl-C stops it",
+        root.display(),
+        keel.display(),
+        root.display()
+    );
     let status = Command::new(&keel)
         .arg("--root")
         .arg(root)
-        .args(["image", "ls"])
+        .args(["--log", "info", "cri", "--socket", socket])
         .status()
         .with_context(|| format!("start {}", keel.display()))?;
     if !status.success() {
-        bail!("keel exited with {status}");
+        bail!("keel cri exited with {status}");
     }
     Ok(())
 }

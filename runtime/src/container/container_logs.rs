@@ -8,6 +8,23 @@ use super::{ContainerError, ContainerRuntime};
 use crate::fsutil::FsError;
 
 impl ContainerRuntime {
+    /// Asks the monitor to reopen the log file (after a rotator renamed it away). A container
+    /// whose monitor is gone has nothing to reopen.
+    pub fn reopen_log(&self, id: &str) -> Result<(), ContainerError> {
+        let run: super::state::RunState =
+            super::state::read_json(&self.paths.run_state(id))?.unwrap_or_default();
+        if let Some(monitor) = run.monitor {
+            const SIGUSR1: i32 = 10;
+            monitor
+                .signal(SIGUSR1)
+                .map_err(|e| ContainerError::Monitor {
+                    id: id.to_string(),
+                    reason: format!("signal for log reopen: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+
     /// Calls `on_line` for every entry of the log; with `follow`, keeps reading new entries
     /// until the container has exited and its log is drained. `on_line` returning false stops.
     pub fn read_log(

@@ -170,10 +170,21 @@ impl ImageStore {
     /// Pulls an image (trying the registry's mirrors first) and records it under its tag.
     pub async fn pull(&self, req: PullRequest) -> Result<PullReport, ImageError> {
         let r = reference::parse(&req.reference)?;
+        // oci-client keeps the first auth it sees per registry (and its tokens) for the client's
+        // lifetime. A pull with its own credentials (CRI's per-pull auth) therefore gets a client
+        // of its own: one wrong password must not lock a registry out of a long-lived daemon,
+        // and one pod's pull secret must not serve pulls that lack it.
+        let own_client;
+        let client = if req.credentials.is_some() {
+            own_client = self.inner.registry.client()?;
+            &own_client
+        } else {
+            self.client()?
+        };
         let endpoints = self.inner.registry.endpoints(r.registry());
         let last = endpoints.len() - 1;
         for (i, ep) in endpoints.iter().enumerate() {
-            match self.pull_from(&r, ep, &req).await {
+            match self.pull_from(client, &r, ep, &req).await {
                 Err(e) if i < last && try_next_endpoint(&e) => {
                     tracing::warn!(image = %req.reference, mirror = %ep.host, error = %e, "mirror failed, trying next");
                 }
@@ -185,6 +196,7 @@ impl ImageStore {
 
     async fn pull_from(
         &self,
+        client: &Client,
         r: &Reference,
         ep: &Endpoint,
         req: &PullRequest,
@@ -199,7 +211,6 @@ impl ImageStore {
                 None => self.inner.registry.auth_for(r.registry()),
             }
         };
-        let client = self.client()?;
         let ctx = Ctx {
             reference: req.reference.clone(),
             registry: ep.host.clone(),
