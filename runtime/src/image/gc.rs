@@ -125,8 +125,10 @@ impl ImageStore {
             if snaps.contains(d.as_str()) {
                 continue;
             }
-            if content.try_lock(&d)?.is_some() {
-                self.inner.snapshots.remove(&d)?;
+            // Keep the lock while removing: releasing it and locking again would let a pull
+            // take it in between and then wait for the metadata lock held here.
+            if let Some(_held) = content.try_lock(&d)? {
+                self.inner.snapshots.remove_locked(&d)?;
                 report.snapshots_removed += 1;
             }
         }

@@ -65,6 +65,12 @@ impl Snapshots {
     /// Removes a committed snapshot. The caller makes sure no container uses it.
     pub fn remove(&self, diff_id: &str) -> Result<(), ImageError> {
         let _lock = self.lock(diff_id)?;
+        self.remove_locked(diff_id)
+    }
+
+    /// [`Self::remove`] for a caller that already holds the layer's lock (GC, which must not
+    /// wait for a layer lock while it holds the metadata lock a pull is waiting for).
+    pub fn remove_locked(&self, diff_id: &str) -> Result<(), ImageError> {
         let target = self.path(diff_id)?;
         // Rename first so a crash mid-removal never leaves a half-deleted snapshot that looks
         // committed.
