@@ -8,7 +8,7 @@ use crate::config::Network;
 use crate::netlink::Netlink;
 use crate::protocol::Invocation;
 use crate::result::{CniResult, Interface, IpConfig};
-use crate::{Error, bridge, ipam_store, masquerade, netns, veth};
+use crate::{Error, bridge, ipam_store, masquerade, netns, pending, veth};
 
 /// Attaches the container; returns the result to print (merged with any `prevResult`).
 pub fn add(inv: &Invocation, net: &Network) -> Result<CniResult, Error> {
@@ -22,10 +22,26 @@ pub fn add(inv: &Invocation, net: &Network) -> Result<CniResult, Error> {
         Some(v) => Some(CniResult::from_value(v)?),
         None => None,
     };
+    // A DEL of this attachment still finishing in the background must end before we start.
+    pending::wait(net, &inv.container_id, &inv.ifname)?;
     let mut host = Netlink::open()?;
     let mut pod = netns::netlink_in(pod_ns.as_fd())?;
+    // The name may still be held by an earlier container's interface that is being deleted
+    // (a runtime that re-uses one namespace): wait for those deletions rather than refuse.
+    if pod.link_by_name(&inv.ifname)?.is_some() {
+        pending::wait_all(net)?;
+    }
     let bridge_link = bridge::ensure(&mut host, net)?;
-    let allocated = ipam_store::allocate(net, &inv.container_id, &inv.ifname, &requested)?;
+    let allocate = || ipam_store::allocate(net, &inv.container_id, &inv.ifname, &requested);
+    let allocated = match allocate() {
+        // Addresses of deletions still finishing come free in a few milliseconds.
+        Err(ipam_store::StoreError::Ipam(crate::ipam::IpamError::Exhausted(_)))
+            if pending::wait_all(net)? =>
+        {
+            allocate()?
+        }
+        other => other?,
+    };
     stall_point("allocated");
     let made = (|| -> Result<_, Error> {
         let links = veth::setup(

@@ -111,6 +111,10 @@ pub struct NetConf {
     /// Put the bridge in promiscuous mode.
     #[serde(default)]
     pub promisc_mode: bool,
+    /// keel-cni only: DEL deletes the veth before it answers (~20 ms of kernel time) instead of
+    /// cutting the pod off and finishing in the background.
+    #[serde(default)]
+    pub sync_delete: bool,
     /// IPAM section (host-local shape).
     pub ipam: Option<IpamConf>,
     /// DNS settings passed through to the result.
@@ -266,6 +270,8 @@ pub struct Network {
     pub hairpin_mode: bool,
     /// Bridge promiscuous.
     pub promisc_mode: bool,
+    /// DEL waits for the kernel to delete the veth.
+    pub sync_delete: bool,
     /// Range sets; empty for an L2-only network.
     pub range_sets: Vec<Vec<Range>>,
     /// Routes for pods.
@@ -369,6 +375,7 @@ pub fn validate(conf: NetConf) -> Result<Network, ConfigError> {
         mtu: conf.mtu,
         hairpin_mode: conf.hairpin_mode,
         promisc_mode: conf.promisc_mode,
+        sync_delete: conf.sync_delete,
         range_sets,
         routes: ipam.routes,
         data_dir,

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use crate::config::{Attachment, ConfigError, Network};
 use crate::netlink::Netlink;
-use crate::{Error, ipam_store, veth};
+use crate::{Error, ipam_store, pending, veth};
 
 /// What GC removed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub fn gc(net: &Network) -> Result<GcReport, Error> {
         .ok_or(ConfigError::Missing("cni.dev/valid-attachments"))?
         .into_iter()
         .collect();
+    // A deletion still finishing is not a leak; let it finish first.
+    pending::wait_all(net)?;
     let released = ipam_store::gc(net, &valid)?;
     let keep: HashSet<String> = valid
         .iter()

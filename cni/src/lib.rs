@@ -19,6 +19,7 @@ pub mod ipam_store;
 pub mod masquerade;
 pub mod netlink;
 pub mod netns;
+pub mod pending;
 pub mod plugin;
 pub mod protocol;
 pub mod result;
@@ -55,6 +56,9 @@ pub enum Error {
     /// Masquerade.
     #[error(transparent)]
     Masquerade(#[from] masquerade::MasqueradeError),
+    /// A background deletion's marker.
+    #[error(transparent)]
+    Pending(#[from] pending::PendingError),
     /// CHECK found a difference.
     #[error(transparent)]
     Check(#[from] check::CheckError),
@@ -83,6 +87,7 @@ impl Error {
             Self::Veth(e) => e.code(),
             Self::Masquerade(e) => e.code(),
             Self::Check(e) => e.code(),
+            Self::Pending(_) => protocol::code::IO_FAILURE,
             Self::Status(e) => e.code(),
             Self::Unavailable(_) => protocol::code::NOT_AVAILABLE,
             Self::Stdin(_) => protocol::code::IO_FAILURE,

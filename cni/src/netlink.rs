@@ -314,6 +314,20 @@ impl Netlink {
         Ok(())
     }
 
+    /// Takes a link down.
+    pub fn set_down(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.change_mask = LinkFlags::Up;
+        self.request(
+            "set link down",
+            &index.to_string(),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Turns hairpin mode on for a bridge port.
     pub fn set_hairpin(&mut self, index: u32) -> Result<(), NetlinkError> {
         let mut msg = LinkMessage::default();

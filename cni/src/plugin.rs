@@ -1,16 +1,19 @@
 //! One invocation, end to end: environment and stdin in, stdout text and exit status out. The
 //! binary is a three-line shell around [`execute`].
 
+use crate::pending::PendingDelete;
 use crate::protocol::{self, Command, ErrorReply, LATEST_VERSION};
 use crate::{Error, add, check, config, del, gc, status};
 
 /// What to print and how to exit.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Outcome {
     /// stdout (JSON or empty).
     pub stdout: String,
     /// Process exit status.
     pub exit_code: i32,
+    /// A DEL's deletion left to finish once the answer is out (see `pending`).
+    pub pending: Option<PendingDelete>,
 }
 
 /// Runs one invocation. `env` looks up `CNI_*` variables.
@@ -26,9 +29,10 @@ pub fn execute(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
         .filter(|v| protocol::SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| LATEST_VERSION.to_string());
     match dispatch(env, stdin) {
-        Ok(stdout) => Outcome {
+        Ok((stdout, pending)) => Outcome {
             stdout,
             exit_code: 0,
+            pending,
         },
         Err(e) => {
             let reply = ErrorReply {
@@ -40,6 +44,7 @@ pub fn execute(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
             Outcome {
                 stdout: serde_json::to_string(&reply).unwrap_or_default(),
                 exit_code: 1,
+                pending: None,
             }
         }
     }
@@ -57,10 +62,13 @@ pub fn stdin_failure(e: std::io::Error) -> Outcome {
     Outcome {
         stdout: serde_json::to_string(&reply).unwrap_or_default(),
         exit_code: 1,
+        pending: None,
     }
 }
 
-fn dispatch(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<String, Error> {
+type Answer = (String, Option<PendingDelete>);
+
+fn dispatch(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Answer, Error> {
     let inv = protocol::parse_env(env)?;
     if inv.command == Command::Version {
         let requested = serde_json::from_slice::<serde_json::Value>(stdin)
@@ -70,18 +78,19 @@ fn dispatch(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<String
                     .and_then(|s| s.as_str())
                     .map(str::to_string)
             });
-        return Ok(to_json(&protocol::version_info(requested.as_deref())));
+        return Ok((to_json(&protocol::version_info(requested.as_deref())), None));
     }
     let net = config::validate(config::parse(stdin)?)?;
     protocol::check_verb_version(inv.command, &net.cni_version)?;
-    match inv.command {
-        Command::Add => Ok(to_json(&add::add(&inv, &net)?)),
-        Command::Del => del::del(&inv, &net).map(|()| String::new()),
-        Command::Check => check::check(&inv, &net).map(|()| String::new()),
-        Command::Gc => gc::gc(&net).map(|_| String::new()),
-        Command::Status => status::status(&net).map(|()| String::new()),
-        Command::Version => Ok(String::new()),
-    }
+    let stdout = match inv.command {
+        Command::Add => to_json(&add::add(&inv, &net)?),
+        Command::Del => return Ok((String::new(), del::del(&inv, &net)?)),
+        Command::Check => check::check(&inv, &net).map(|()| String::new())?,
+        Command::Gc => gc::gc(&net).map(|_| String::new())?,
+        Command::Status => status::status(&net).map(|()| String::new())?,
+        Command::Version => String::new(),
+    };
+    Ok((stdout, None))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

@@ -2,7 +2,7 @@
 //! has a free address. The bridge need not exist yet: ADD creates it.
 
 use crate::config::Network;
-use crate::{Error, ipam_store};
+use crate::{Error, ipam_store, pending};
 
 /// Why the plugin cannot serve ADD.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ impl StatusError {
 pub fn status(net: &Network) -> Result<(), Error> {
     // Locking creates the directory and lock file: proves the store is writable.
     drop(ipam_store::Store::lock(&net.data_dir).map_err(not_available)?);
+    // Addresses of deletions still finishing are as good as free.
+    pending::wait_all(net)?;
     let usage = ipam_store::usage(net).map_err(not_available)?;
     let mut sets: Vec<_> = usage.into_iter().collect();
     sets.sort();

@@ -276,3 +276,48 @@ fn requested_ip_and_older_result_versions() -> anyhow::Result<()> {
     node.del("c2", Some(&pod), &plain)?;
     Ok(())
 }
+
+#[test]
+fn del_cuts_the_pod_off_at_once_and_finishes_in_the_background() -> anyhow::Result<()> {
+    if !privileged("del_cuts_the_pod_off_at_once_and_finishes_in_the_background") {
+        return Ok(());
+    }
+    let node = Node::new()?;
+    let conf = node.conf("10.97.0.0/24", None);
+    let (a, b) = (NetnsGuard::new()?, NetnsGuard::new()?);
+    let ra = node.add("a", &a, &conf)?;
+    node.add("b", &b, &conf)?;
+    tcp_exchange(&a, &b, addr_of(&ra, true))?;
+    let host_if = ra["interfaces"][1]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    node.del_nowait("a", Some(&a), &conf)?;
+    // Right after the answer the host end is down or already gone: the pod is cut off.
+    let shown = node.host.exec("ip", &["-o", "link", "show"])?;
+    if let Some(line) = shown.lines().find(|l| l.contains(&format!(" {host_if}@"))) {
+        assert!(!line.contains(",UP"), "host end still up after DEL: {line}");
+    }
+    // An immediate re-ADD of the same attachment waits for the old deletion, then works.
+    let ra = node.add("a", &a, &conf)?;
+    tcp_exchange(&a, &b, addr_of(&ra, true))?;
+    // A new container in the same namespace under the same ifname, right after DEL.
+    node.del_nowait("a", Some(&a), &conf)?;
+    let ra2 = node.add("a2", &a, &conf)?;
+    tcp_exchange(&a, &b, addr_of(&ra2, true))?;
+    node.del_nowait("a2", Some(&a), &conf)?;
+    node.del_nowait("b", Some(&b), &conf)?;
+    node.settle()?;
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+    assert!(node.veths()?.is_empty(), "{:?}", node.veths()?);
+
+    // syncDelete: everything is gone when DEL answers.
+    let mut sync = conf.clone();
+    sync["syncDelete"] = true.into();
+    node.add("s", &a, &sync)?;
+    node.del_nowait("s", Some(&a), &sync)?;
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+    assert!(node.veths()?.is_empty(), "{:?}", node.veths()?);
+    Ok(())
+}

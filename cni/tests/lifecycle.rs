@@ -17,11 +17,13 @@ fn five_hundred_add_del_cycles_leave_nothing() -> anyhow::Result<()> {
     let node = Node::new()?;
     let conf = node.conf("10.101.0.0/24", Some("fd00:101::/64"));
     let pod = NetnsGuard::new()?;
+    // As a runtime drives it: the next ADD follows DEL's answer, not the background deletion.
     for i in 0..500 {
         let cid = format!("cycle-{i}");
         node.add(&cid, &pod, &conf)?;
-        node.del(&cid, Some(&pod), &conf)?;
+        node.del_nowait(&cid, Some(&pod), &conf)?;
     }
+    node.settle()?;
     assert!(node.allocations().is_empty(), "{:?}", node.allocations());
     assert!(node.veths()?.is_empty());
     let addrs = pod.exec("ip", &["-o", "addr", "show", "scope", "global"])?;

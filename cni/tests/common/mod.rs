@@ -167,11 +167,39 @@ impl Node {
         Ok(r.json)
     }
 
+    /// DEL, then waits until its background part (veth deletion, address release) is done.
     pub fn del(&self, cid: &str, pod: Option<&NetnsGuard>, conf: &Value) -> anyhow::Result<()> {
+        self.del_nowait(cid, pod, conf)?;
+        self.settle()
+    }
+
+    /// DEL as a runtime sees it: returns once the plugin answered.
+    pub fn del_nowait(
+        &self,
+        cid: &str,
+        pod: Option<&NetnsGuard>,
+        conf: &Value,
+    ) -> anyhow::Result<()> {
         let path = pod.map(|p| p.path());
         let r = self.invoke("DEL", cid, path.as_deref(), "eth0", conf)?;
         if !r.ok {
             bail!("DEL {cid} failed: {}", r.raw);
+        }
+        Ok(())
+    }
+
+    /// Waits (10 s at most) until no DEL is finishing in the background.
+    pub fn settle(&self) -> anyhow::Result<()> {
+        let dir = self.data_dir().join(&self.name).join("deleting");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_dir(&dir).is_ok_and(|mut rd| rd.next().is_some()) {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "background deletions still pending after 10s in {}",
+                    dir.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         Ok(())
     }
