@@ -43,10 +43,17 @@ enum Command {
     /// Manage containers: run, create, start, exec, logs, ls, inspect, stop, rm, stats.
     #[command(subcommand)]
     Ctr(cli::ctr::CtrCommand),
+    /// Manage pod sandboxes: run, ls, inspect, stop, rm.
+    #[command(subcommand)]
+    Pod(cli::pod::PodCommand),
     /// CNI plugin tasks: install the keel-cni binary and a conflist.
     Cni(cli::cni::CniArgs),
     /// Serve the Kubernetes CRI (RuntimeService, ImageService) on a unix socket.
     Cri(cli::cri::CriArgs),
+    /// Run the control plane: the Kubernetes-compatible API server on redb or etcd.
+    Server(cli::server::ServerArgs),
+    /// eBPF service proxy (kube-proxy replacement): run it, `ls`, `uninstall`.
+    Proxy(cli::proxy::ProxyArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,8 +71,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Image(cmd) => cli::image::run(&cli.root, &config, cmd),
             Command::Ctr(cmd) => cli::ctr::run(&cli.root, &config, cmd),
+            Command::Pod(cmd) => cli::pod::run(&cli.root, &config, cmd),
             Command::Cni(args) => cli::cni::run(args).map(|()| ExitCode::SUCCESS),
             Command::Cri(args) => cli::cri::run(&cli.root, &config, args),
+            Command::Server(args) => cli::server::run(args),
+            Command::Proxy(args) => cli::proxy::run(args),
         }
     })();
     match result {

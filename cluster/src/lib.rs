@@ -1,10 +1,11 @@
 //! keel-cluster: the store trait with its redb and etcd backends, the Kubernetes-compatible API
 //! server, the scheduler and the controllers.
 //!
-//! Today it holds the store ([`store`]); the API server, scheduler and controllers follow in the
-//! control plane and standalone cluster issues. Each module has its own error enum, gathered
+//! Today it holds the store ([`store`]) and the API server ([`api`]); the scheduler and
+//! controllers follow in the standalone cluster issue. Each module has its own error enum, gathered
 //! here into [`Error`].
 
+pub mod api;
 pub mod store;
 
 pub use store::{
@@ -17,4 +18,6 @@ pub use store::{
 pub enum Error {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Server(#[from] api::ServerError),
 }

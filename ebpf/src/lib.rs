@@ -1,5 +1,51 @@
-//! keel-ebpf: the eBPF programs (C sources under ebpf/c, one file per attach point) compiled by clang
-//! at build time, and the `#[repr(C)]` map key/value layouts mirrored by one C header.
+//! keel-ebpf: the eBPF programs (C sources under ebpf/c, one entry file per attach point, shared
+//! logic in c/lib/*.h) compiled by clang at build time, and the `#[repr(C)]` map key/value
+//! layouts mirrored by the one C header c/lib/maps.h.
 //!
-//! Owns the kernel-facing data layouts; loading and attaching belong to keel-proxy.
-//! Filled by the eBPF service proxy issue.
+//! Owns the kernel-facing data layouts and the object bytes; loading and attaching belong to
+//! keel-proxy.
+
+pub mod layout;
+
+pub use layout::*;
+
+/// The socket-level load balancer (cgroup connect/sendmsg/recvmsg/getpeername, v4 and v6),
+/// built from c/sock.c.
+pub static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
+
+/// The tc NodePort program (`keel_tc_nodeport`, DNAT + conntrack + reverse NAT + Maglev), built
+/// from c/tc_nodeport.c.
+pub static TC_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc_nodeport.o"));
+
+/// The program in [`TC_OBJECT`].
+pub const TC_PROGRAM: &str = "keel_tc_nodeport";
+
+/// The programs in [`SOCK_OBJECT`]: (program name, attach type name as in `cgroup/<name>`).
+pub const SOCK_PROGRAMS: &[(&str, &str)] = &[
+    ("keel_connect4", "connect4"),
+    ("keel_connect6", "connect6"),
+    ("keel_sendmsg4", "sendmsg4"),
+    ("keel_sendmsg6", "sendmsg6"),
+    ("keel_recvmsg4", "recvmsg4"),
+    ("keel_recvmsg6", "recvmsg6"),
+    ("keel_getpeername4", "getpeername4"),
+    ("keel_getpeername6", "getpeername6"),
+];
+
+/// Names of the maps the programs pin by name (LIBBPF_PIN_BY_NAME) in the proxy's bpffs dir.
+pub mod map_names {
+    pub const SERVICES: &str = "keel_svc";
+    pub const SLOTS: &str = "keel_slots";
+    pub const BACKENDS: &str = "keel_backends";
+    pub const SOCK_REVNAT: &str = "keel_sock_revnat";
+    pub const SOCK_AFFINITY: &str = "keel_sock_affinity";
+    pub const STATS: &str = "keel_stats";
+    pub const CT: &str = "keel_ct";
+    pub const TC_REVNAT: &str = "keel_tc_revnat";
+    pub const MAGLEV: &str = "keel_maglev";
+    /// Every map the socket programs pin.
+    pub const ALL: &[&str] = &[SERVICES, SLOTS, BACKENDS, SOCK_REVNAT, SOCK_AFFINITY, STATS];
+    /// The maps only the tc program adds.
+    pub const TC: &[&str] = &[CT, TC_REVNAT, MAGLEV];
+}

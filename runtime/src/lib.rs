@@ -8,5 +8,6 @@
 pub mod container;
 pub mod fsutil;
 pub mod image;
+pub mod pod;
 
 pub use image::{ImageError, ImageStore};

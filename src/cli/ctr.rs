@@ -158,6 +158,10 @@ pub struct CreateArgs {
     /// Signal `stop` sends first (default: the image's, else SIGTERM).
     #[arg(long)]
     pub stop_signal: Option<String>,
+    /// Put the container into this pod sandbox (id, name or id prefix): it joins the pod's
+    /// namespaces and cgroup and sees its hostname, /etc/hosts and /etc/resolv.conf.
+    #[arg(long)]
+    pub pod: Option<String>,
     /// Image reference or id.
     pub image: String,
     /// Command and arguments (replace the image's cmd).
@@ -262,7 +266,7 @@ impl CreateArgs {
     }
 }
 
-fn runtime(root: &Path) -> anyhow::Result<ContainerRuntime> {
+pub(crate) fn runtime(root: &Path) -> anyhow::Result<ContainerRuntime> {
     let mut opts = RuntimeOptions::new(root);
     if let Some(run) = std::env::var_os("KEEL_RUN_DIR") {
         opts.run_dir = PathBuf::from(run);
@@ -286,7 +290,13 @@ fn create(
         anyhow::Ok(ImageInfo::resolve(&store, &args.image).await?)
     })?;
     drop(tokio_rt);
-    let id = rt.create(&cfg, &image)?;
+    let id = match &args.pod {
+        Some(pod) => {
+            let pods = super::pod::pods(root)?;
+            pods.create_container(&pods.resolve(pod)?, &cfg, &image)?
+        }
+        None => rt.create(&cfg, &image)?,
+    };
     Ok((rt, id))
 }
 

@@ -2,3 +2,6 @@ pub mod cni;
 pub mod cri;
 pub mod ctr;
 pub mod image;
+pub mod pod;
+pub mod proxy;
+pub mod server;

@@ -3,8 +3,11 @@
 //! anchor in the same run; `image` builds the busybox test images; `run` builds keel and
 //! starts the main job.
 
+mod bench_api;
 mod bench_cni;
 mod bench_images;
+mod bench_proxy;
+mod bench_runtime;
 mod image;
 mod setup;
 
@@ -56,10 +59,16 @@ enum ImageTask {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Bench {
+    /// API server creates/s, list time, watch delay, RSS on redb and etcd vs raw etcd puts.
+    Api,
     /// Image pull from a local registry: keel vs skopeo copy.
     Images,
     /// CNI ADD+DEL latency: keel-cni vs the reference bridge + host-local plugins.
     Cni,
+    /// Container lifecycle and pod sandbox latency, idle monitor RSS: keel vs runc.
+    Runtime,
+    /// Service load balancing: keel's socket LB vs kube-proxy's iptables rules (1..10,000 services).
+    Proxy,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,8 +79,11 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which } => {
             setup::run()?;
             match which {
+                Bench::Api => bench_api::run(),
                 Bench::Images => bench_images::run(),
                 Bench::Cni => bench_cni::run(),
+                Bench::Runtime => bench_runtime::run(),
+                Bench::Proxy => bench_proxy::run(),
             }
         }
         Task::Image(ImageTask::Busybox(args)) => {

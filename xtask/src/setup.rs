@@ -11,6 +11,10 @@ pub const PACKAGES: &[&str] = &[
     "clang",
     "llvm",
     "libbpf-dev",
+    // eBPF C: clang-19 (preferred by ebpf/build.rs), <asm/types.h> and the host layout probe
+    "clang-19",
+    "linux-libc-dev",
+    "libc6-dev",
     "libseccomp-dev",
     "pkg-config",
     "protobuf-compiler",

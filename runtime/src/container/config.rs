@@ -44,6 +44,9 @@ pub struct ContainerConfig {
     pub stop_signal: Option<String>,
     /// cgroup parent (relative to each hierarchy's root) overriding the runtime's.
     pub cgroup_parent: Option<String>,
+    /// The pod sandbox this container belongs to (set by `PodRuntime::create_container`,
+    /// which also points `namespaces`, `cgroup_parent` and the /etc mounts at the pod).
+    pub pod_id: Option<String>,
 }
 
 /// A mount into the container.

@@ -48,6 +48,8 @@ pub struct ContainerInfo {
 pub struct ListFilter {
     pub id_prefix: Option<String>,
     pub status: Option<Status>,
+    /// Only containers of this pod sandbox.
+    pub pod_id: Option<String>,
     /// Every label here must be present with this value.
     pub labels: BTreeMap<String, String>,
 }
@@ -58,6 +60,10 @@ impl ListFilter {
             .as_ref()
             .is_none_or(|p| c.record.id.starts_with(p.as_str()))
             && self.status.is_none_or(|s| s == c.status)
+            && self
+                .pod_id
+                .as_ref()
+                .is_none_or(|p| c.record.config.pod_id.as_ref() == Some(p))
             && self
                 .labels
                 .iter()

@@ -56,7 +56,10 @@ impl ContainerRuntime {
         let record: Option<ContainerRecord> = read_json(&self.paths.record(id)).ok().flatten();
         if let Some(rec) = &record {
             cgroups::remove(&rec.cgroups_path)?;
-            cgroups::remove_empty_parent(&rec.cgroups_path);
+            // A pod's cgroup belongs to the pod: it outlives its containers.
+            if rec.config.pod_id.is_none() {
+                cgroups::remove_empty_parent(&rec.cgroups_path);
+            }
         }
         rootfs::unmount(&self.paths.rootfs(id))?;
         crate::fsutil::remove_dir_all_if_exists(&self.paths.dir(id))?;

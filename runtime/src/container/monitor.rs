@@ -46,6 +46,7 @@ pub fn hidden_main() -> Option<i32> {
     match role {
         MONITOR_ARG => Some(main(&rest)),
         super::container_exec::EXEC_ARG => Some(super::container_exec::helper_main(&rest)),
+        crate::pod::keeper::KEEPER_ARG => Some(crate::pod::keeper::main(&rest)),
         _ => None,
     }
 }

@@ -697,10 +697,12 @@ pub fn build_spec(
         .mounts(all_mounts)
         .linux(linux)
         .annotations(annotations);
-    if let Some(h) = hostname {
+    if let Some(h) = hostname.clone() {
         builder = builder.hostname(h);
     }
     let mut spec = builder.build()?;
+    // oci-spec's default spec names the host "youki"; a shared UTS namespace takes none.
+    spec.set_hostname(hostname);
     spec.set_hooks(None);
     Ok(spec)
 }

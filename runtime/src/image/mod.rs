@@ -28,7 +28,7 @@ use std::sync::Arc;
 pub use gc::{GcReport, RemoveMode};
 pub use metadata::{ImageRecord, LayerRecord};
 pub use pull::{PullEvent, PullReport, PullRequest};
-pub use registry::{Credentials, RegistryOptions};
+pub use registry::{Credentials, RegistryOptions, Transport};
 
 use crate::fsutil::{FsError, IoContext};
 
@@ -149,9 +149,10 @@ struct Inner {
     meta: metadata::MetaStore,
     registry: RegistryOptions,
     options: StoreOptions,
-    /// Built on the first pull: loading TLS roots is wasted work for `ls` or `import`, and must
-    /// not make them fail on a node without CA certificates.
-    client: std::sync::OnceLock<oci_client::Client>,
+    /// Built on first use: loading TLS roots is wasted work for `ls`, `import` or a pull from a
+    /// plain-HTTP registry, and must not make them fail on a node without CA certificates.
+    tls_client: std::sync::OnceLock<Arc<oci_client::Client>>,
+    plain_client: std::sync::OnceLock<Arc<oci_client::Client>>,
 }
 
 impl ImageStore {
@@ -173,7 +174,8 @@ impl ImageStore {
             content: content::ContentStore::open(&root.join("content"), &locks)?,
             snapshots: snapshot::Snapshots::open(&root.join("snapshots"), &locks)?,
             meta: metadata::MetaStore::open(&root.join("meta"))?,
-            client: std::sync::OnceLock::new(),
+            tls_client: std::sync::OnceLock::new(),
+            plain_client: std::sync::OnceLock::new(),
             registry,
             options,
             root,
@@ -191,13 +193,17 @@ impl ImageStore {
         &self.inner.registry
     }
 
-    /// The registry client, built on first use.
-    fn client(&self) -> Result<&oci_client::Client, ImageError> {
-        if let Some(c) = self.inner.client.get() {
-            return Ok(c);
+    /// The shared registry client for `transport`, built on first use.
+    fn client(&self, transport: Transport) -> Result<Arc<oci_client::Client>, ImageError> {
+        let cell = match transport {
+            Transport::Tls => &self.inner.tls_client,
+            Transport::PlainHttp => &self.inner.plain_client,
+        };
+        if let Some(c) = cell.get() {
+            return Ok(c.clone());
         }
-        let built = self.inner.registry.client()?;
-        Ok(self.inner.client.get_or_init(|| built))
+        let built = Arc::new(self.inner.registry.client(transport)?);
+        Ok(cell.get_or_init(|| built).clone())
     }
 
     /// Every image, sorted by first tag.

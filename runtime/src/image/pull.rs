@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 use super::compression::{self, Compression, HashingReader};
 use super::content::{self, Ingest};
 use super::metadata::{ImageRecord, LayerRecord};
-use super::registry::{Credentials, Endpoint};
+use super::registry::{Credentials, Endpoint, Transport};
 use super::snapshot::Snapshots;
 use super::{ImageError, ImageStore, reference, unpack};
 use crate::fsutil::FileLock;
@@ -170,21 +170,10 @@ impl ImageStore {
     /// Pulls an image (trying the registry's mirrors first) and records it under its tag.
     pub async fn pull(&self, req: PullRequest) -> Result<PullReport, ImageError> {
         let r = reference::parse(&req.reference)?;
-        // oci-client keeps the first auth it sees per registry (and its tokens) for the client's
-        // lifetime. A pull with its own credentials (CRI's per-pull auth) therefore gets a client
-        // of its own: one wrong password must not lock a registry out of a long-lived daemon,
-        // and one pod's pull secret must not serve pulls that lack it.
-        let own_client;
-        let client = if req.credentials.is_some() {
-            own_client = self.inner.registry.client()?;
-            &own_client
-        } else {
-            self.client()?
-        };
         let endpoints = self.inner.registry.endpoints(r.registry());
         let last = endpoints.len() - 1;
         for (i, ep) in endpoints.iter().enumerate() {
-            match self.pull_from(client, &r, ep, &req).await {
+            match self.pull_endpoint(&r, ep, &req).await {
                 Err(e) if i < last && try_next_endpoint(&e) => {
                     tracing::warn!(image = %req.reference, mirror = %ep.host, error = %e, "mirror failed, trying next");
                 }
@@ -192,6 +181,48 @@ impl ImageStore {
             }
         }
         unreachable!("endpoints() always ends with the registry itself")
+    }
+
+    /// One endpoint: a plain-HTTP one first through the plain client, and again through the
+    /// TLS client if that failed in a way an HTTPS redirect or token realm would explain.
+    async fn pull_endpoint(
+        &self,
+        r: &Reference,
+        ep: &Endpoint,
+        req: &PullRequest,
+    ) -> Result<PullReport, ImageError> {
+        if ep.plain_http {
+            let client = self.pull_client(Transport::PlainHttp, req)?;
+            match self.pull_from(&client, r, ep, req).await {
+                // (A token realm on an HTTPS host shows up as Unauthorized.)
+                Err(
+                    e @ (ImageError::Unreachable { .. }
+                    | ImageError::Registry { .. }
+                    | ImageError::Unauthorized { .. }),
+                ) => {
+                    tracing::debug!(registry = %ep.host, error = %e, "plain-HTTP client failed, retrying with TLS roots");
+                }
+                other => return other,
+            }
+        }
+        let client = self.pull_client(Transport::Tls, req)?;
+        self.pull_from(&client, r, ep, req).await
+    }
+
+    /// oci-client keeps the first auth it sees per registry (and its tokens) for the client's
+    /// lifetime. A pull with its own credentials (CRI's per-pull auth) therefore gets a client
+    /// of its own: one wrong password must not lock a registry out of a long-lived daemon, and
+    /// one pod's pull secret must not serve pulls that lack it.
+    fn pull_client(
+        &self,
+        transport: Transport,
+        req: &PullRequest,
+    ) -> Result<Arc<Client>, ImageError> {
+        if req.credentials.is_some() {
+            Ok(Arc::new(self.inner.registry.client(transport)?))
+        } else {
+            self.client(transport)
+        }
     }
 
     async fn pull_from(

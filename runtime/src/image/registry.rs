@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use serde::{Deserialize, Serialize};
 
@@ -114,7 +114,17 @@ impl RegistryOptions {
     /// An oci-client configured for these settings: HTTPS except the insecure registries and
     /// plain-HTTP mirrors. Fails (instead of panicking, as `Client::new` does) when the TLS
     /// setup is impossible, e.g. a node without CA certificates.
-    pub fn client(&self) -> Result<oci_client::Client, ImageError> {
+    /// A client for one kind of endpoint. `Transport::Tls` verifies servers against the
+    /// system's CA certificates, which costs ~100 ms to load (300 files here); a
+    /// `Transport::PlainHttp` client never speaks TLS to the registry, so it skips them.
+    pub fn client(&self, transport: Transport) -> Result<oci_client::Client, ImageError> {
+        match transport {
+            Transport::Tls => self.tls_client(),
+            Transport::PlainHttp => plain_http_client(),
+        }
+    }
+
+    fn tls_client(&self) -> Result<oci_client::Client, ImageError> {
         let mut plain: Vec<String> = self.insecure.clone();
         plain.extend(
             self.mirrors
@@ -140,6 +150,36 @@ impl RegistryOptions {
 }
 
 /// Parses `http://HOST:PORT`, `https://HOST[:PORT]` or `HOST[:PORT]`.
+/// Which client an endpoint needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTPS, plus plain HTTP for the configured insecure registries and `http://` mirrors.
+    Tls,
+    /// Plain HTTP only.
+    PlainHttp,
+}
+
+/// The plain-HTTP client. Its only trusted root is a throwaway self-signed certificate whose
+/// key was discarded, so if a plain-HTTP registry redirects a download to an HTTPS host, that
+/// connection fails verification (never succeeds unverified); the puller then retries the
+/// endpoint with the TLS client.
+fn plain_http_client() -> Result<oci_client::Client, ImageError> {
+    oci_client::Client::try_from(ClientConfig {
+        protocol: ClientProtocol::Http,
+        tls_certs_only: vec![Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: include_bytes!("plain_http_root.pem").to_vec(),
+        }],
+        connect_timeout: Some(std::time::Duration::from_secs(10)),
+        read_timeout: Some(std::time::Duration::from_secs(60)),
+        user_agent: concat!("keel/", env!("CARGO_PKG_VERSION")),
+        ..Default::default()
+    })
+    .map_err(|e| ImageError::Config {
+        reason: format!("cannot set up the plain-HTTP registry client: {e}"),
+    })
+}
+
 pub fn parse_endpoint(url: &str) -> Result<Endpoint, ImageError> {
     let (rest, plain_http) = if let Some(r) = url.strip_prefix("http://") {
         (r, true)

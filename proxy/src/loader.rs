@@ -1,0 +1,299 @@
+//! Kernel checks, loading, attaching and pinning of the socket programs, and uninstall.
+//!
+//! Layout under the bpffs dir: the maps pinned by name (`keel_svc`, ...) and `links/<hook>`, one
+//! pinned bpf_link per cgroup hook. Pinned links keep the programs attached while no proxy runs
+//! (restart, crash), and pinned maps keep their contents, so established and new connections
+//! keep working. A starting proxy attaches its fresh programs first and only then replaces the
+//! old link's pin, so no instant passes without a program on each hook (cgroup links run in
+//! multi mode; the old and new programs never both translate: the second one sees a backend
+//! address, not a service).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::EbpfLoader;
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::util::KernelVersion;
+use keel_ebpf::{SOCK_OBJECT, SOCK_PROGRAMS, TC_OBJECT, TC_PROGRAM, map_names};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// bpf_link for cgroups (5.7), bpf_get_netns_cookie in sock_addr (5.7), bpf_set_retval reachable
+/// from sock_addr programs (6.1).
+pub const MIN_KERNEL: (u32, u32) = (6, 1);
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/keel";
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(
+        "kernel has no BTF (/sys/kernel/btf/vmlinux missing): keel proxy needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf,
+    #[error("kernel {0} is too old: keel proxy needs Linux >= {major}.{minor} (bpf_link on cgroups, bpf_set_retval in sock_addr programs)", major = MIN_KERNEL.0, minor = MIN_KERNEL.1)]
+    OldKernel(String),
+    #[error("cannot read the kernel version: {0}")]
+    KernelVersion(String),
+    #[error(
+        "cgroup v2 is not mounted (no cgroup2 entry in /proc/self/mounts): keel proxy attaches to a cgroup v2 directory; mount one or pass --cgroup"
+    )]
+    NoCgroup2,
+    #[error("{0} is not a cgroup v2 directory (the socket hooks attach only to cgroup v2)")]
+    NotCgroup2(PathBuf),
+    #[error(
+        "{0} is not on a bpf filesystem (mount -t bpf bpf {0}, or choose a --bpffs-dir under a bpffs mount)"
+    )]
+    NotBpffs(PathBuf),
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("load the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error(
+        "program {name}: no bpf_link ({reason}); keel proxy needs bpf_link support for cgroups"
+    )]
+    Link { name: &'static str, reason: String },
+    #[error("attach the tc program to {iface}: {reason}")]
+    Tc { iface: String, reason: String },
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("pin link {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError {
+    let path = path.to_owned();
+    move |source| LoaderError::Io { what, path, source }
+}
+
+fn fs_type(path: &Path) -> Result<i64, std::io::Error> {
+    let st = rustix::fs::statfs(path)?;
+    Ok(st.f_type as i64)
+}
+
+/// The v2 hierarchy's root: /sys/fs/cgroup when pure v2, /sys/fs/cgroup/unified on hybrid
+/// hosts, else the first cgroup2 mount.
+pub fn default_cgroup() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let v2: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(point))
+        })
+        .collect();
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| v2.contains(p))
+        .or_else(|| v2.into_iter().next())
+}
+
+/// Refuses, naming it, whatever the kernel or the host lacks.
+pub fn preflight(cgroup: &Path, bpffs_dir: &Path) -> Result<(), LoaderError> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(LoaderError::NoBtf);
+    }
+    let v = KernelVersion::current().map_err(|e| LoaderError::KernelVersion(e.to_string()))?;
+    if v < KernelVersion::new(MIN_KERNEL.0 as u8, MIN_KERNEL.1 as u8, 0) {
+        return Err(LoaderError::OldKernel(format!("{v:?}")));
+    }
+    match fs_type(cgroup) {
+        Ok(CGROUP2_SUPER_MAGIC) => {}
+        Ok(_) => return Err(LoaderError::NotCgroup2(cgroup.to_owned())),
+        Err(e) => return Err(io("open cgroup", cgroup)(e)),
+    }
+    ensure_bpffs(bpffs_dir)
+}
+
+/// Makes sure `dir` exists on a bpffs, mounting one at /sys/fs/bpf if that is where it belongs
+/// and nothing is mounted there yet (as systemd does on most distributions).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
+    let root = Path::new(BPFFS_ROOT);
+    if dir.starts_with(root) && root.is_dir() && fs_type(root).ok() != Some(BPF_FS_MAGIC) {
+        rustix::mount::mount(
+            "bpf",
+            root,
+            "bpf",
+            rustix::mount::MountFlags::empty(),
+            c"mode=0700",
+        )
+        .map_err(|e| io("mount bpffs at", root)(e.into()))?;
+        tracing::info!("mounted a bpf filesystem at {BPFFS_ROOT}");
+    }
+    std::fs::create_dir_all(dir.join("links")).map_err(io("create pin dir", dir))?;
+    if fs_type(dir).map_err(io("stat", dir))? != BPF_FS_MAGIC {
+        return Err(LoaderError::NotBpffs(dir.to_owned()));
+    }
+    Ok(())
+}
+
+/// Loads the socket programs (re-using maps already pinned under `bpffs_dir`), attaches them to
+/// `cgroup` and pins the links, replacing a previous proxy's links without a gap.
+pub fn install(cgroup: &Path, bpffs_dir: &Path) -> Result<(), LoaderError> {
+    preflight(cgroup, bpffs_dir)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(bpffs_dir)
+        .load(SOCK_OBJECT)
+        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let cg = File::open(cgroup).map_err(io("open cgroup", cgroup))?;
+    for (name, hook) in SOCK_PROGRAMS {
+        let perr = |source: aya::programs::ProgramError| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        };
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(LoaderError::MissingProgram(name))?
+            .try_into()
+            .map_err(perr)?;
+        prog.load().map_err(perr)?;
+        let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
+        let link: FdLink = prog.take_link(id).map_err(perr)?.try_into().map_err(
+            |e: aya::programs::links::LinkError| LoaderError::Link {
+                name,
+                reason: e.to_string(),
+            },
+        )?;
+        let pin = bpffs_dir.join("links").join(hook);
+        // The new link is attached: dropping the old pin detaches the old program only now.
+        match std::fs::remove_file(&pin) {
+            Ok(()) => tracing::debug!("replacing link {}", pin.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove old link pin", &pin)(e)),
+        }
+        link.pin(&pin).map_err(|source| LoaderError::Pin {
+            path: pin.clone(),
+            source: Box::new(source),
+        })?;
+    }
+    // The programs stay loaded through their pinned links and the maps through their pins.
+    Ok(())
+}
+
+/// Loads the tc NodePort program (sharing the pinned service maps) and attaches it to the
+/// ingress of each interface (external interfaces and pod veths) as a pinned tcx link
+/// `links/tc-<iface>`, with the same gap-free takeover as the socket hooks. `netns`: the network
+/// namespace the interfaces live in (default: the proxy's own).
+pub fn install_tc(
+    bpffs_dir: &Path,
+    interfaces: &[String],
+    netns: Option<&Path>,
+) -> Result<(), LoaderError> {
+    if interfaces.is_empty() {
+        return Ok(());
+    }
+    let ns_file = match netns {
+        Some(p) => Some(File::open(p).map_err(io("open netns", p))?),
+        None => None,
+    };
+    // Netlink talks to the calling thread's namespace: do the work on a thread that entered it.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<(), LoaderError> {
+                if let Some(f) = &ns_file {
+                    rustix::thread::move_into_link_name_space(
+                        std::os::fd::AsFd::as_fd(f),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )
+                    .map_err(|e| io("enter netns", netns.unwrap_or(Path::new("?")))(e.into()))?;
+                }
+                attach_tc(bpffs_dir, interfaces)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(LoaderError::MissingProgram(TC_PROGRAM)))
+    })
+}
+
+fn attach_tc(bpffs_dir: &Path, interfaces: &[String]) -> Result<(), LoaderError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(bpffs_dir)
+        .load(TC_OBJECT)
+        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let name = TC_PROGRAM;
+    let perr = |source: aya::programs::ProgramError| LoaderError::Program {
+        name,
+        source: Box::new(source),
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(perr)?;
+    prog.load().map_err(perr)?;
+    for iface in interfaces {
+        let id = prog
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|e| LoaderError::Tc {
+                iface: iface.clone(),
+                reason: e.to_string(),
+            })?;
+        let link: FdLink = prog.take_link(id).map_err(perr)?.try_into().map_err(
+            |e: aya::programs::links::LinkError| LoaderError::Tc {
+                iface: iface.clone(),
+                reason: format!("no tcx link ({e}); needs Linux >= 6.6"),
+            },
+        )?;
+        let pin = bpffs_dir.join("links").join(format!("tc-{iface}"));
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove old link pin", &pin)(e)),
+        }
+        link.pin(&pin).map_err(|source| LoaderError::Pin {
+            path: pin.clone(),
+            source: Box::new(source),
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether a proxy installation (any pin) exists under `bpffs_dir`.
+pub fn installed(bpffs_dir: &Path) -> bool {
+    map_names::ALL.iter().any(|m| bpffs_dir.join(m).exists())
+}
+
+/// Removes every link (detaching the programs), every map pin and the directory. Returns the
+/// pins removed.
+pub fn uninstall(bpffs_dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
+    let mut removed = Vec::new();
+    let links = bpffs_dir.join("links");
+    if let Ok(rd) = std::fs::read_dir(&links) {
+        for e in rd.flatten() {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(io("remove link pin", &p))?;
+            removed.push(p);
+        }
+    }
+    for m in map_names::ALL.iter().chain(map_names::TC) {
+        let p = bpffs_dir.join(m);
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove map pin", &p)(e)),
+        }
+    }
+    for d in [&links, &bpffs_dir.to_path_buf()] {
+        match std::fs::remove_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove pin dir", d)(e)),
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,340 @@
+//! The runtime benchmark (run by `cargo xtask bench runtime`, release build, root):
+//!
+//! 1. Lifecycle of a busybox `/bin/true` container, create -> start -> wait for exit ->
+//!    remove, through keel's library (what keel-cri calls) against Debian's runc driven as
+//!    containerd's shim drives it (`runc create`, `runc start`, wait as subreaper,
+//!    `runc delete`) on the same OCI bundle: the spec keel generated, keel's rootfs. The two
+//!    are interleaved in one run. keel's side also mounts and unmounts its overlay rootfs
+//!    and spawns its monitor each time; runc's does neither.
+//! 2. Pod sandbox run + remove (namespaces pinned, /etc files, cgroup, shm).
+//! 3. VmRSS of one idle monitor process (the `keel` binary named by `KEEL_BIN`, else this
+//!    binary re-executed).
+//!
+//! This binary is also the monitor when `KEEL_BIN` is unset: main dispatches the hidden roles.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use keel_runtime::ImageStore;
+use keel_runtime::container::state::{RunState, read_json};
+use keel_runtime::container::{ContainerConfig, ContainerRuntime, ImageInfo, RuntimeOptions};
+use keel_runtime::pod::{LoopbackOnly, PodConfig, PodOptions, PodRuntime};
+use keel_testkit::image_builder::{MediaTypes, Variant, build_cached};
+use keel_testkit::{CgroupGuard, StateRoot};
+
+const RUNS: usize = 50;
+const WARMUP: usize = 3;
+const IMAGE: &str = "example.com/keel/busybox:v1";
+
+fn main() -> std::process::ExitCode {
+    if let Some(code) = keel_runtime::container::monitor::hidden_main() {
+        return std::process::ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench runtime: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runc_path() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KEEL_BENCH_RUNC") {
+        return Ok(PathBuf::from(p));
+    }
+    for p in ["/usr/sbin/runc", "/usr/bin/runc"] {
+        if Path::new(p).exists() {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    bail!("runc not found: apt-get install runc (or set KEEL_BENCH_RUNC)")
+}
+
+fn run() -> anyhow::Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("needs root (namespaces, mounts, cgroups)");
+    }
+    let runc = runc_path()?;
+    let state = StateRoot::new()?;
+    let cgroup = CgroupGuard::new()?;
+    let parent = cgroup.name().to_string();
+    let tar = state.path().join("busybox.tar");
+    build_cached(Variant::Single, MediaTypes::Oci)?.write_oci_archive(&tar, IMAGE)?;
+    let image = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let store = ImageStore::open(state.path(), Default::default())?;
+            store.import(&tar).await?;
+            anyhow::Ok(ImageInfo::resolve(&store, IMAGE).await?)
+        })?;
+    let monitor_exe = match std::env::var_os("KEEL_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?,
+    };
+    let rt = ContainerRuntime::open(RuntimeOptions {
+        root: state.path().to_owned(),
+        run_dir: state.path().join("run"),
+        cgroup_parent: parent.clone(),
+        monitor_exe: Some(monitor_exe.clone()),
+    })?;
+    let result = bench(&rt, &image, &runc, state.path(), &parent);
+    // Whatever the outcome, nothing stays behind.
+    if let Ok(all) = rt.list(&Default::default()) {
+        for c in all {
+            let _ = rt.remove(&c.record.id, true);
+        }
+    }
+    let _ = Command::new(&runc)
+        .args(["--root"])
+        .arg(state.path().join("runc"))
+        .args(["delete", "-f", "bench-runc"])
+        .stderr(Stdio::null())
+        .status();
+    drop(cgroup);
+    for root in keel_runtime::pod::cgroup::hierarchy_roots() {
+        keel_testkit::cgroup::remove_tree(&root.join(&parent));
+    }
+    drop(state);
+    result
+}
+
+fn bench(
+    rt: &ContainerRuntime,
+    image: &ImageInfo,
+    runc: &Path,
+    root: &Path,
+    parent: &str,
+) -> anyhow::Result<()> {
+    let true_cfg = ContainerConfig {
+        command: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    // The runc bundle: keel's own spec for the same config, on the rootfs of a keel
+    // container that is created but never started.
+    let holder = rt.create(&true_cfg, image)?;
+    let bundle = root.join("runc-bundle");
+    std::fs::create_dir_all(&bundle)?;
+    let spec_text = std::fs::read_to_string(rt.container_dir(&holder).join("bundle/config.json"))?;
+    let mut spec: serde_json::Value = serde_json::from_str(&spec_text)?;
+    // keel hands libcontainer its masked-compare operands swapped; swapping back gives
+    // runc the OCI meaning.
+    if let Some(syscalls) = spec["linux"]["seccomp"]["syscalls"].as_array_mut() {
+        for sc in syscalls {
+            if let Some(args) = sc["args"].as_array_mut() {
+                for a in args {
+                    if a["op"] == "SCMP_CMP_MASKED_EQ" {
+                        let (v, v2) = (a["value"].clone(), a["valueTwo"].clone());
+                        a["value"] = v2;
+                        a["valueTwo"] = v;
+                    }
+                }
+            }
+        }
+    }
+    spec["linux"]["cgroupsPath"] = serde_json::json!(format!("/{parent}/bench-runc"));
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(&spec)?,
+    )?;
+    let runc_root = root.join("runc");
+    // The shim's way of waiting: be the reaper of the container's init.
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+
+    let mut keel_t = Vec::new();
+    let mut runc_t = Vec::new();
+    for i in 0..WARMUP + RUNS {
+        let k = keel_lifecycle(rt, image, &true_cfg)?;
+        let r = runc_lifecycle(runc, &runc_root, &bundle)?;
+        if i >= WARMUP {
+            keel_t.push(k);
+            runc_t.push(r);
+        }
+    }
+    rt.remove(&holder, true)?;
+
+    println!(
+        "Container lifecycle (create, start, wait for exit, remove) of busybox /bin/true, \
+         {RUNS} runs each, interleaved"
+    );
+    println!("{:<34} {:>10} {:>10}", "runtime", "p50", "p95");
+    let (k50, k95) = (pct(&mut keel_t, 50), pct(&mut keel_t, 95));
+    let (r50, r95) = (pct(&mut runc_t, 50), pct(&mut runc_t, 95));
+    println!(
+        "{:<34} {:>10} {:>10}",
+        "keel (library + monitor)",
+        ms(k50),
+        ms(k95)
+    );
+    println!(
+        "{:<34} {:>10} {:>10}",
+        "runc (create/start/delete)",
+        ms(r50),
+        ms(r95)
+    );
+    let ratio = k50.as_secs_f64() / r50.as_secs_f64();
+    println!(
+        "ratio keel / runc: p50 {ratio:.2}x, p95 {:.2}x (target p50 <= 0.50x: {})",
+        k95.as_secs_f64() / r95.as_secs_f64(),
+        if ratio <= 0.5 { "met" } else { "NOT met" }
+    );
+
+    // Pod sandboxes: run + remove.
+    let pods = PodRuntime::open(
+        rt.clone(),
+        PodOptions {
+            state_dir: root.join("pods"),
+            run_dir: root.join("run-pods"),
+            cgroup_parent: parent.to_string(),
+        },
+    )?;
+    let mut pod_t = Vec::new();
+    let mut ns_t = Vec::new();
+    for i in 0..WARMUP + RUNS {
+        let start = Instant::now();
+        let id = pods.run(&PodConfig::default(), &LoopbackOnly)?;
+        pods.remove(&id, &LoopbackOnly)?;
+        let p = start.elapsed();
+        let n = ip_netns_add_del(i)?;
+        if i >= WARMUP {
+            pod_t.push(p);
+            ns_t.push(n);
+        }
+    }
+    let (p50, p95) = (pct(&mut pod_t, 50), pct(&mut pod_t, 95));
+    let n50 = pct(&mut ns_t, 50);
+    println!(
+        "Pod sandbox run + remove (net, ipc, uts pinned; /etc files; cgroup; shm), {RUNS} runs: \
+         p50 {}, p95 {}; for scale, `ip netns add` + `ip netns del` (one namespace) p50 {} \
+         (ratio {:.2}x)",
+        ms(p50),
+        ms(p95),
+        ms(n50),
+        p50.as_secs_f64() / n50.as_secs_f64()
+    );
+
+    // One idle monitor.
+    let sleeper = rt.create(
+        &ContainerConfig {
+            command: vec!["sleep".into(), "60".into()],
+            ..Default::default()
+        },
+        image,
+    )?;
+    rt.start(&sleeper)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let run: RunState =
+        read_json(&rt.container_dir(&sleeper).join("state.json"))?.context("no run state")?;
+    let monitor = run.monitor.context("no monitor pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", monitor.pid))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    rt.remove(&sleeper, true)?;
+    println!(
+        "Idle monitor RSS: {:.2} MiB (target <= 2 MiB: {}; conmon ~0.3 MiB, containerd shim \
+         5-11 MiB)",
+        rss_kib as f64 / 1024.0,
+        if rss_kib <= 2048 { "met" } else { "NOT met" }
+    );
+    Ok(())
+}
+
+fn keel_lifecycle(
+    rt: &ContainerRuntime,
+    image: &ImageInfo,
+    cfg: &ContainerConfig,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let id = rt.create(cfg, image)?;
+    rt.start(&id)?;
+    let exit = rt
+        .wait(&id, Some(Duration::from_secs(10)))?
+        .context("keel container did not exit")?;
+    rt.remove(&id, false)?;
+    let took = start.elapsed();
+    if exit.exit_code != 0 {
+        bail!("keel container exited {exit:?}");
+    }
+    Ok(took)
+}
+
+fn runc_cmd(runc: &Path, root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    // Not a pipe: the container's init inherits runc's stdio and would hold a pipe open
+    // until it exits, which it does only after `runc start`.
+    let err_path = root.with_extension("stderr");
+    let err = std::fs::File::create(&err_path)?;
+    let status = Command::new(runc)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .status()
+        .with_context(|| format!("spawn {}", runc.display()))?;
+    if !status.success() {
+        bail!(
+            "runc {}: {}",
+            args.join(" "),
+            std::fs::read_to_string(&err_path)
+                .unwrap_or_default()
+                .trim()
+        );
+    }
+    Ok(())
+}
+
+fn runc_lifecycle(runc: &Path, root: &Path, bundle: &Path) -> anyhow::Result<Duration> {
+    let pid_file = bundle.join("init.pid");
+    let _ = std::fs::remove_file(&pid_file);
+    let start = Instant::now();
+    runc_cmd(
+        runc,
+        root,
+        &[
+            "create",
+            "--bundle",
+            bundle.to_str().context("bundle path")?,
+            "--pid-file",
+            pid_file.to_str().context("pid file path")?,
+            "bench-runc",
+        ],
+    )?;
+    let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
+    runc_cmd(runc, root, &["start", "bench-runc"])?;
+    let pid = rustix::process::Pid::from_raw(pid).context("init pid")?;
+    let (_, status) = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())?
+        .context("no status")?;
+    runc_cmd(runc, root, &["delete", "bench-runc"])?;
+    let took = start.elapsed();
+    if status.exit_status() != Some(0) {
+        bail!("runc container: {status:?}");
+    }
+    Ok(took)
+}
+
+fn ip_netns_add_del(i: usize) -> anyhow::Result<Duration> {
+    let name = format!("keel-bench-{}-{i}", std::process::id());
+    let start = Instant::now();
+    keel_testkit::run("ip", &["netns", "add", &name])?;
+    keel_testkit::run("ip", &["netns", "del", &name])?;
+    Ok(start.elapsed())
+}
+
+fn pct(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v[((v.len() - 1) * p) / 100]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}ms", d.as_secs_f64() * 1e3)
+}

@@ -1,0 +1,139 @@
+//! `keel proxy ...`: the eBPF service proxy. Parses flags into a `keel_proxy::ProxyConfig`;
+//! the work is in keel-proxy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Service load balancing in the kernel (replaces kube-proxy): `keel proxy --manifests PATH`
+/// runs it; `keel proxy ls` and `keel proxy uninstall` inspect and remove it.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ProxyArgs {
+    #[command(subcommand)]
+    pub command: Option<ProxyCommand>,
+    /// Multi-document YAML of Service and EndpointSlice objects to serve; re-read on change.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// The cgroup v2 directory the socket hooks attach to (default: the v2 hierarchy's root,
+    /// /sys/fs/cgroup or /sys/fs/cgroup/unified on hybrid hosts).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Where programs' links and maps are pinned (a bpffs; /sys/fs/bpf is mounted if needed).
+    #[arg(long, global = true, default_value = keel_proxy::DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// /healthz listener (kube-proxy's healthz port).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: SocketAddr,
+    /// /metrics listener (Prometheus text); "off" disables it.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// How often the manifests file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+    /// This node's name (internalTrafficPolicy/externalTrafficPolicy=Local).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This node's addresses, on which NodePorts answer to clients on the node; repeatable.
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<IpAddr>,
+    /// Interface whose ingress gets the tc NodePort program (external interface, pod veths);
+    /// repeatable.
+    #[arg(long = "tc-iface")]
+    pub tc_interfaces: Vec<String>,
+    /// Kubernetes API server source (not implemented yet: use --manifests).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ProxyCommand {
+    /// Print services, backends and counters from the pinned maps.
+    Ls,
+    /// Remove every program, link and pin the proxy installed.
+    Uninstall,
+}
+
+pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(ProxyCommand::Ls) => {
+            print!("{}", keel_proxy::ls::list(&args.bpffs_dir)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(ProxyCommand::Uninstall) => {
+            let removed = keel_proxy::uninstall(&args.bpffs_dir)?;
+            println!(
+                "removed {} pins under {}",
+                removed.len(),
+                args.bpffs_dir.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
+    if args.kubeconfig.is_some() {
+        anyhow::bail!(
+            "--kubeconfig: the API server source is not implemented yet; use --manifests PATH"
+        );
+    }
+    let manifests = args
+        .manifests
+        .context("keel proxy needs --manifests PATH (Service and EndpointSlice YAML)")?;
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => keel_proxy::default_cgroup().context(
+            "cgroup v2 is not mounted (no cgroup2 in /proc/self/mounts); mount it or pass --cgroup",
+        )?,
+    };
+    let metrics_addr = match args.metrics_bind_address.as_str() {
+        "off" | "" => None,
+        a => Some(
+            a.parse()
+                .with_context(|| format!("--metrics-bind-address {a:?}"))?,
+        ),
+    };
+    let cfg = keel_proxy::ProxyConfig {
+        manifests,
+        cgroup,
+        bpffs_dir: args.bpffs_dir,
+        healthz_addr: args.healthz_bind_address,
+        metrics_addr,
+        poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
+        node: keel_proxy::model::NodeContext {
+            node_name: args.node_name,
+            node_ips: args.node_ips,
+        },
+        tc_interfaces: args.tc_interfaces,
+        tc_netns: None,
+    };
+    let proxy = keel_proxy::Proxy::start(cfg)?;
+    eprintln!(
+        "keel proxy: serving; /healthz on {}{}",
+        proxy.healthz_addr(),
+        proxy
+            .metrics_addr()
+            .map(|a| format!(", /metrics on {a}"))
+            .unwrap_or_default()
+    );
+    wait_for_signal()?;
+    // Programs and maps stay installed: traffic keeps flowing until the next start.
+    proxy.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn wait_for_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    })?;
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! `keel server`: the control plane. Parses flags into a `keel_cluster::api::ApiConfig`, opens the
+//! store (redb in the data dir, or etcd), starts the API server, prints the kubeconfig path and
+//! serves until SIGTERM or SIGINT. The work is in keel-cluster.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use keel_cluster::api::{ApiConfig, ApiServer, Cidr};
+use keel_cluster::store::{self, StoreConfig};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// `keel server` flags.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Run only the control plane (API server and store). Required for now: the node roles of
+    /// `keel server` (agent, proxy) come with the standalone cluster issue.
+    #[arg(long)]
+    pub no_node: bool,
+    /// Data dir: the redb store, the CA and serving certificate, the tokens, the kubeconfig.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/keel/server")]
+    pub data_dir: PathBuf,
+    /// HTTPS address of the API server.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:6443")]
+    pub api_listen: SocketAddr,
+    /// Use these etcd endpoints (comma-separated URLs) instead of the embedded redb store.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// ClusterIPs are allocated from this CIDR.
+    #[arg(long, value_name = "CIDR", default_value = "10.96.0.0/12")]
+    pub service_cidr: String,
+    /// NodePorts are allocated from this range.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "30000-32767")]
+    pub node_port_range: String,
+    /// Extra DNS names or IPs for the serving certificate (first start only).
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
+    /// Seconds between compactions of the store's history; watches older than about this get
+    /// 410 Gone.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub compact_interval: u64,
+    /// Seconds between watch bookmarks.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub bookmark_interval: u64,
+}
+
+pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    if !args.no_node {
+        bail!(
+            "keel server without --no-node would also run this machine as a node, which comes \
+             with the standalone cluster issue; run `keel server --no-node` for the control plane alone"
+        );
+    }
+    let service_cidr: Cidr = args
+        .service_cidr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
+    let node_ports = parse_range(&args.node_port_range).context("--node-port-range")?;
+    if args.compact_interval == 0 || args.bookmark_interval == 0 {
+        bail!("--compact-interval and --bookmark-interval must be at least 1 second");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
+    let store_config = if args.etcd_endpoints.is_empty() {
+        StoreConfig::Redb {
+            data_dir: args.data_dir.clone(),
+        }
+    } else {
+        StoreConfig::Etcd {
+            endpoints: args.etcd_endpoints.clone(),
+        }
+    };
+    let mut config = ApiConfig::new(args.data_dir.clone(), args.api_listen);
+    config.service_cidr = service_cidr;
+    config.node_port_range = node_ports;
+    config.tls_sans = args.tls_san;
+    config.compact_interval = Duration::from_secs(args.compact_interval);
+    config.bookmark_interval = Duration::from_secs(args.bookmark_interval);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start async runtime")?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let store = store::open(&store_config)
+            .await
+            .with_context(|| format!("open store {store_config:?}"))?;
+        let server = ApiServer::start(config, store)
+            .await
+            .context("start API server")?;
+        // One write, errors ignored: whoever started us may stop reading once it has the path.
+        let kubeconfig = server.kubeconfig.display();
+        let banner = format!(
+            "keel server: API at {}\nkeel server: kubeconfig written to {kubeconfig}\n\
+             keel server: export KUBECONFIG={kubeconfig}\n",
+            server.url
+        );
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+        drop(out);
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+            _ = server.wait() => bail!("API server stopped"),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn parse_range(s: &str) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("{s:?}: expected FIRST-LAST, e.g. 30000-32767"))?;
+    let (a, b): (u16, u16) = (
+        a.trim()
+            .parse()
+            .with_context(|| format!("{s:?}: first port"))?,
+        b.trim()
+            .parse()
+            .with_context(|| format!("{s:?}: last port"))?,
+    );
+    if a == 0 || a > b {
+        bail!("{s:?}: the range must be non-empty and start above 0");
+    }
+    Ok(a..=b)
+}
