@@ -224,13 +224,13 @@ async fn cri_serves_runtime_info_and_images() {
         api::CgroupDriver::Cgroupfs
     );
 
-    // Status: runtime not ready yet; network ready once a conflist appears.
+    // Status: runtime ready; network ready once a conflist appears.
     let st = runtime
         .status(api::StatusRequest { verbose: false })
         .await
         .unwrap()
         .into_inner();
-    assert!(!condition(&st, "RuntimeReady").status);
+    assert!(condition(&st, "RuntimeReady").status);
     let net = condition(&st, "NetworkReady");
     assert!(!net.status);
     assert_eq!(net.reason, "NetworkPluginNotReady");
@@ -260,7 +260,7 @@ async fn cri_serves_runtime_info_and_images() {
         .unwrap()
         .into_inner();
     assert!(condition(&st, "NetworkReady").status, "{st:?}");
-    assert!(!condition(&st, "RuntimeReady").status);
+    assert!(condition(&st, "RuntimeReady").status);
     let config: serde_json::Value = serde_json::from_str(&st.info["config"]).unwrap();
     assert_eq!(config["podCIDRs"][0], "10.244.7.0/24");
     let cni: serde_json::Value = serde_json::from_str(&st.info["cniconfig"]).unwrap();
@@ -406,17 +406,11 @@ async fn cri_serves_runtime_info_and_images() {
         .run_pod_sandbox(api::RunPodSandboxRequest::default())
         .await
         .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.message(), "invalid request: config: missing");
+    let e = runtime.exec(api::ExecRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
-    assert_eq!(
-        e.message(),
-        "RunPodSandbox: pod sandboxes land with the runtime issue"
-    );
-    let e = runtime
-        .list_containers(api::ListContainersRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().starts_with("ListContainers: "), "{e:?}");
+    assert!(e.message().starts_with("Exec: "), "{e:?}");
 
     // The metrics endpoint has a histogram series per RPC and code seen.
     let text = http_get(metrics, "/metrics");
@@ -429,7 +423,7 @@ async fn cri_serves_runtime_info_and_images() {
         r#"rpc="PullImage",code="InvalidArgument""#,
         r#"rpc="ImageStatus",code="OK""#,
         r#"rpc="RemoveImage",code="OK""#,
-        r#"rpc="RunPodSandbox",code="Unimplemented""#,
+        r#"rpc="RunPodSandbox",code="InvalidArgument""#,
     ] {
         let line = format!("keel_cri_rpc_duration_seconds_count{{{series}}}");
         assert!(text.contains(&line), "no {line} in:\n{text}");

@@ -39,6 +39,9 @@ pub(crate) struct CniNetwork {
     pub name: String,
     /// Plugin types in chain order (each is a binary in the CNI bin dir).
     pub plugins: Vec<String>,
+    /// The network as a conflist (a `.conf` becomes a list of its one plugin), what
+    /// [`crate::cni_exec`] runs.
+    pub list: Value,
 }
 
 /// Loads the first config file of `dir` (blocking: call it off the async workers).
@@ -83,10 +86,27 @@ pub(crate) fn load(dir: &Path) -> Result<CniNetwork, CniConfigError> {
         path: file.clone(),
         reason,
     })?;
+    // parse() accepted it, so it is a JSON object.
+    let v: Value = serde_json::from_slice(&data).unwrap_or(Value::Null);
+    let list = as_list(v, is_list);
     Ok(CniNetwork {
         file,
         name,
         plugins,
+        list,
+    })
+}
+
+/// A config file's JSON as a conflist: a single plugin config becomes the one plugin of a
+/// list with its name and cniVersion (what libcni's `ConfListFromConf` does).
+pub(crate) fn as_list(v: Value, is_list: bool) -> Value {
+    if is_list {
+        return v;
+    }
+    serde_json::json!({
+        "cniVersion": v.get("cniVersion").cloned().unwrap_or(Value::String("1.0.0".into())),
+        "name": v.get("name").cloned().unwrap_or(Value::String(String::new())),
+        "plugins": [v],
     })
 }
 
@@ -165,6 +185,13 @@ mod tests {
             ("br".to_owned(), vec!["bridge".to_owned()])
         );
         assert!(parse(br#"{"name":"br"}"#, false).is_err());
+        let list = as_list(
+            serde_json::json!({"cniVersion":"0.4.0","name":"br","type":"bridge"}),
+            false,
+        );
+        assert_eq!(list["plugins"][0]["type"], "bridge");
+        assert_eq!(list["cniVersion"], "0.4.0");
+        assert_eq!(list["name"], "br");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! goes through the same logging and metrics.
 
 use keel_runtime::ImageError;
+use keel_runtime::container::ContainerError;
+use keel_runtime::pod::PodError;
 use tonic::Code;
 
 /// Everything an RPC handler can return as an error.
@@ -24,6 +26,23 @@ pub enum CriError {
     },
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// A pod or container name is taken (CRI: the same metadata while the holder exists).
+    #[error("{what} name {name:?} is already reserved for {id}")]
+    AlreadyExists {
+        what: &'static str,
+        name: String,
+        id: String,
+    },
+    /// The pod sandbox or container the request names does not exist.
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    /// The node cannot do what was asked as it is configured (no CNI config, pod not ready).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error(transparent)]
+    Pod(#[from] PodError),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
     /// A blocking helper task died (panicked or was cancelled at shutdown).
     #[error("background task failed: {0}")]
     Task(String),
@@ -65,7 +84,54 @@ impl CriError {
             CriError::Unimplemented { .. } => Code::Unimplemented,
             CriError::Task(_) => Code::Internal,
             CriError::Image(e) => image_code(e),
+            CriError::AlreadyExists { .. } => Code::AlreadyExists,
+            CriError::NotFound { .. } => Code::NotFound,
+            CriError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CriError::Pod(e) => pod_code(e),
+            CriError::Container(e) => container_code(e),
         }
+    }
+}
+
+/// Pod errors: refusals before anything was made are the caller's (InvalidArgument,
+/// AlreadyExists); a pod in the wrong state is FailedPrecondition; the rest is the node's.
+fn pod_code(e: &PodError) -> Code {
+    match e {
+        PodError::NotFound(_) => Code::NotFound,
+        PodError::NameInUse(_) => Code::AlreadyExists,
+        PodError::InvalidConfig(_) | PodError::Sysctl { .. } => Code::InvalidArgument,
+        PodError::Ambiguous(_) | PodError::InvalidState { .. } => Code::FailedPrecondition,
+        PodError::Container(c) => container_code(c),
+        PodError::Namespace { .. }
+        | PodError::Keeper { .. }
+        | PodError::Network { .. }
+        | PodError::Cgroup { .. }
+        | PodError::State(_)
+        | PodError::Fs(_) => Code::Internal,
+    }
+}
+
+/// Container errors: a config the image cannot satisfy (unknown user, capability, seccomp
+/// profile) is InvalidArgument; a timeout is DeadlineExceeded.
+fn container_code(e: &ContainerError) -> Code {
+    match e {
+        ContainerError::NotFound(_) => Code::NotFound,
+        ContainerError::NameInUse(_) => Code::AlreadyExists,
+        ContainerError::Ambiguous(_) | ContainerError::InvalidState { .. } => {
+            Code::FailedPrecondition
+        }
+        ContainerError::Timeout { .. } => Code::DeadlineExceeded,
+        ContainerError::Image(i) => image_code(i),
+        ContainerError::Spec(_) | ContainerError::Seccomp(_) | ContainerError::User(_) => {
+            Code::InvalidArgument
+        }
+        ContainerError::Libcontainer { .. }
+        | ContainerError::Monitor { .. }
+        | ContainerError::Exec { .. }
+        | ContainerError::Rootfs(_)
+        | ContainerError::Cgroup(_)
+        | ContainerError::State(_)
+        | ContainerError::Fs(_) => Code::Internal,
     }
 }
 
@@ -104,6 +170,42 @@ mod tests {
             "127.0.0.1:5000".into(),
             "why".into(),
         ))
+    }
+
+    #[test]
+    fn pod_and_container_failures_map_to_cri_codes() {
+        let e = CriError::AlreadyExists {
+            what: "pod sandbox",
+            name: "web_default_u1_0".into(),
+            id: "abc".into(),
+        };
+        assert_eq!(e.code(), Code::AlreadyExists);
+        assert!(e.to_string().contains("abc"), "{e}");
+        assert_eq!(
+            CriError::Pod(PodError::NotFound("p".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            CriError::Pod(PodError::InvalidConfig("x".into())).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            CriError::Container(ContainerError::InvalidState {
+                id: "c".into(),
+                op: "exec",
+                status: "exited".into()
+            })
+            .code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            CriError::Pod(PodError::Container(ContainerError::NameInUse("n".into()))).code(),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            CriError::FailedPrecondition("no CNI".into()).code(),
+            Code::FailedPrecondition
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! keel-cri: the Kubernetes Container Runtime Interface v1 server (RuntimeService, ImageService)
-//! over a unix socket, with a Prometheus metrics endpoint; later the streaming server for
-//! exec/attach/port-forward.
+//! over a unix socket, with a Prometheus metrics endpoint; pods get their network from CNI
+//! plugins. Not yet: the streaming server for exec/attach/port-forward.
 //!
 //! Owns RPC translation only: every decision about images, pods and containers lives in
 //! keel-runtime. The layout follows containerd's `internal/cri/server`: one file per RPC
@@ -16,8 +16,14 @@
 //! | `instrument.rs` | the per-RPC span, metrics and error-to-status layer |
 //! | `error.rs` | [`CriError`] and its gRPC code mapping |
 //! | `image_*.rs` | ImageService RPCs (`image_convert.rs`: record -> CRI `Image`) |
-//! | `runtime_*.rs`, `update_runtime_config.rs` | RuntimeService RPCs; `runtime_unimplemented.rs` answers the pod and container RPCs until the runtime issue lands them |
-//! | `cni_config.rs` | reading the CNI conf dir for the NetworkReady condition |
+//! | `runtime_*.rs`, `update_runtime_config.rs` | RuntimeService status/config RPCs; `runtime_unimplemented.rs` answers what keel does not serve (exec/attach/port-forward streaming, checkpoints, metric descriptors) |
+//! | `pod_sandbox_{run,stop,remove,status,list,stats,stats_list}.rs` | the pod sandbox RPCs |
+//! | `pod_convert.rs` | pure: CRI sandbox config -> runtime `PodConfig`, pod record -> CRI messages, filters |
+//! | `container_{create,start,stop,remove,list,status,update,reopen_log,exec_sync,stats,stats_list}.rs` | the container RPCs |
+//! | `container_convert.rs` | pure: CRI container config (security context, resources, mounts) -> runtime `ContainerConfig`, record -> CRI messages, stats |
+//! | `container_events.rs` | GetContainerEvents: the event broadcast, fed by the RPCs and by an exit watcher |
+//! | `cni_exec.rs` | pod networking: the runtime's `PodNetwork` hook as CNI plugin executions (ADD/DEL, chains, portMappings) |
+//! | `cni_config.rs` | reading the CNI conf dir (NetworkReady, and the network pods get) |
 //! | `client.rs` | connecting a CRI client to the unix socket (tests, tools) |
 //!
 //! Errors: [`CriError`] (what an RPC returns, mapped to a gRPC code) and [`ServerError`]
@@ -25,6 +31,20 @@
 
 pub mod client;
 mod cni_config;
+mod cni_exec;
+mod container_convert;
+mod container_create;
+mod container_events;
+mod container_exec_sync;
+mod container_list;
+mod container_remove;
+mod container_reopen_log;
+mod container_start;
+mod container_stats;
+mod container_stats_list;
+mod container_status;
+mod container_stop;
+mod container_update;
 mod error;
 mod image_convert;
 mod image_fs_info;
@@ -33,6 +53,14 @@ mod image_pull;
 mod image_remove;
 mod image_status;
 mod instrument;
+mod pod_convert;
+mod pod_sandbox_list;
+mod pod_sandbox_remove;
+mod pod_sandbox_run;
+mod pod_sandbox_stats;
+mod pod_sandbox_stats_list;
+mod pod_sandbox_status;
+mod pod_sandbox_stop;
 mod runtime_config;
 mod runtime_status;
 mod runtime_unimplemented;

@@ -1,7 +1,7 @@
-//! Status: the two conditions kubelet requires. RuntimeReady is false until pods and containers
-//! land (the runtime issue), so a node using keel stays NotReady rather than accepting pods it
-//! cannot run. NetworkReady reflects the CNI conf dir, read again on every call (kubelet asks
-//! every few seconds; reading one small file is cheaper than watching the dir).
+//! Status: the two conditions kubelet requires. RuntimeReady is true once the server runs (the
+//! pod and container state is on disk and read on every RPC, nothing to warm up). NetworkReady
+//! reflects the CNI conf dir, read again on every call (kubelet asks every few seconds; reading
+//! one small file is cheaper than watching the dir).
 //!
 //! With `verbose`, `info` holds JSON like containerd's: `config` (keel's CRI settings, never
 //! registry credentials), `cniconfig` (dirs, the loaded network, whether each plugin binary is
@@ -15,7 +15,6 @@ use crate::cni_config::{self, CniConfigError, CniNetwork};
 use crate::service::{CriService, Settings};
 use crate::{CriError, api};
 
-pub(crate) const RUNTIME_NOT_READY_REASON: &str = "RuntimeNotImplemented";
 pub(crate) const NETWORK_NOT_READY_REASON: &str = "NetworkPluginNotReady";
 
 pub(crate) async fn status(
@@ -43,10 +42,9 @@ fn status_response(
 ) -> api::StatusResponse {
     let runtime = api::RuntimeCondition {
         r#type: "RuntimeReady".to_owned(),
-        status: false,
-        reason: RUNTIME_NOT_READY_REASON.to_owned(),
-        message: "keel serves images only so far: pods and containers land with the runtime issue"
-            .to_owned(),
+        status: true,
+        reason: String::new(),
+        message: String::new(),
     };
     let network = match network {
         Ok(_) => api::RuntimeCondition {
@@ -165,14 +163,13 @@ mod tests {
     }
 
     #[test]
-    fn runtime_is_not_ready_and_network_follows_the_cni_config() {
+    fn runtime_is_ready_and_network_follows_the_cni_config() {
         let missing = Err(CniConfigError::NoConfig {
             dir: "/etc/cni/net.d".into(),
         });
         let r = status_response(&missing, HashMap::new());
         let rt = condition(&r, "RuntimeReady");
-        assert!(!rt.status);
-        assert_eq!(rt.reason, RUNTIME_NOT_READY_REASON);
+        assert!(rt.status);
         let net = condition(&r, "NetworkReady");
         assert!(!net.status);
         assert_eq!(net.reason, NETWORK_NOT_READY_REASON);
@@ -182,6 +179,7 @@ mod tests {
             file: PathBuf::from("/etc/cni/net.d/10-keel.conflist"),
             name: "keel".into(),
             plugins: vec!["keel-cni".into()],
+            list: serde_json::Value::Null,
         });
         let r = status_response(&ok, HashMap::new());
         assert!(condition(&r, "NetworkReady").status);
@@ -193,6 +191,7 @@ mod tests {
             file: PathBuf::from("/etc/cni/net.d/10-keel.conflist"),
             name: "keel".into(),
             plugins: vec!["keel-cni".into()],
+            list: serde_json::Value::Null,
         });
         let info = verbose_info(&settings(), &ok, &["10.244.0.0/24".to_owned()]);
         let all = format!("{info:?}");

@@ -1,8 +1,7 @@
-//! The RuntimeService RPCs keel does not serve yet (pods, containers, streaming, stats, events,
-//! checkpoints): each answers gRPC UNIMPLEMENTED with a message naming the RPC and saying why,
-//! never a fake success. Kubelet handles UNIMPLEMENTED for the optional RPCs
-//! (ListMetricDescriptors, ListPodSandboxMetrics, GetContainerEvents) by falling back; for the
-//! pod and container RPCs it reports the error, which is the truth until the runtime issue lands.
+//! The RuntimeService RPCs keel does not serve (the exec/attach/port-forward streaming server,
+//! checkpoints, metric descriptors): each answers gRPC UNIMPLEMENTED with a message naming the
+//! RPC and saying why, never a fake success. Kubelet handles UNIMPLEMENTED for the optional
+//! RPCs (ListMetricDescriptors, ListPodSandboxMetrics) by falling back; `kubectl exec` reports it.
 //!
 //! When an RPC gets served, its name leaves [`reason`] and gets a file of its own.
 
@@ -13,26 +12,12 @@ use crate::CriError;
 /// Why `rpc` is not served, as the second half of its UNIMPLEMENTED message.
 pub(crate) fn reason(rpc: &str) -> &'static str {
     match rpc {
-        "RunPodSandbox" | "StopPodSandbox" | "RemovePodSandbox" | "PodSandboxStatus"
-        | "ListPodSandbox" => "pod sandboxes land with the runtime issue",
-        "CreateContainer"
-        | "StartContainer"
-        | "StopContainer"
-        | "RemoveContainer"
-        | "ListContainers"
-        | "ContainerStatus"
-        | "UpdateContainerResources"
-        | "ReopenContainerLog" => "containers land with the runtime issue",
-        "ExecSync" | "Exec" | "Attach" | "PortForward" => {
-            "exec, attach and port-forward land with the runtime issue"
+        "Exec" | "Attach" | "PortForward" => {
+            "the streaming server (exec, attach, port-forward) is not served yet"
         }
-        "ContainerStats"
-        | "ListContainerStats"
-        | "PodSandboxStats"
-        | "ListPodSandboxStats"
-        | "ListMetricDescriptors"
-        | "ListPodSandboxMetrics" => "pod and container stats land with the runtime issue",
-        "GetContainerEvents" => "container events land with the runtime issue",
+        "ListMetricDescriptors" | "ListPodSandboxMetrics" => {
+            "pod and container metrics are served as stats (ContainerStats, PodSandboxStats)"
+        }
         "CheckpointContainer" => "container checkpoints are not supported",
         _ => "not served by keel",
     }
@@ -56,13 +41,15 @@ mod tests {
 
     #[tokio::test]
     async fn the_message_names_the_rpc_and_the_reason() {
-        let e = reject::<(), ()>("RunPodSandbox")(()).await.unwrap_err();
+        let e = reject::<(), ()>("Exec")(()).await.unwrap_err();
         assert_eq!(
             e.to_string(),
-            "RunPodSandbox: pod sandboxes land with the runtime issue"
+            "Exec: the streaming server (exec, attach, port-forward) is not served yet"
         );
         assert_eq!(e.code(), tonic::Code::Unimplemented);
-        let e = reject::<(), ()>("ExecSync")(()).await.unwrap_err();
-        assert!(e.to_string().starts_with("ExecSync: exec"), "{e}");
+        let e = reject::<(), ()>("CheckpointContainer")(())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
     }
 }

@@ -1,4 +1,4 @@
-//! Runs the CRI endpoint: opens the image store, binds the unix socket (0660, stale sockets
+//! Runs the CRI endpoint: opens the image store and the pod and container runtime, binds the unix socket (0660, stale sockets
 //! replaced, a live one refused), serves RuntimeService and ImageService on it with tonic, serves
 //! Prometheus metrics over HTTP, and on shutdown stops accepting, gives in-flight RPCs
 //! [`DRAIN_TIMEOUT`] to finish and removes the socket.
@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
+use keel_runtime::container::{ContainerRuntime, RuntimeOptions};
 use keel_runtime::image::RegistryOptions;
+use keel_runtime::pod::PodRuntime;
 use keel_runtime::{ImageError, ImageStore};
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -24,6 +26,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::api::image_service_server::ImageServiceServer;
 use crate::api::runtime_service_server::RuntimeServiceServer;
 use crate::client::MAX_MESSAGE_SIZE;
+use crate::container_events;
 use crate::instrument::Metrics;
 use crate::service::{CriService, Settings};
 
@@ -45,6 +48,11 @@ pub struct ServerConfig {
     pub cni_bin_dir: PathBuf,
     /// Where to serve `GET /metrics`; None disables the endpoint.
     pub metrics_address: Option<SocketAddr>,
+    /// Run dir for container state (libcontainer's); pods' pins go beside it
+    /// (`/run/keel/containers` -> `/run/keel/pods`).
+    pub run_dir: PathBuf,
+    /// cgroup parent of pods that name none (relative to each hierarchy's root).
+    pub cgroup_parent: String,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -67,6 +75,8 @@ pub enum ServerError {
     SocketInUse { path: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error("open pod and container state under {root}: {reason}")]
+    Runtime { root: PathBuf, reason: String },
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -92,6 +102,15 @@ pub async fn serve(
             source,
         }
     })?;
+    let mut opts = RuntimeOptions::new(&config.root);
+    opts.run_dir = config.run_dir.clone();
+    opts.cgroup_parent = config.cgroup_parent.clone();
+    let runtime_err = |reason: String| ServerError::Runtime {
+        root: config.root.clone(),
+        reason,
+    };
+    let containers = ContainerRuntime::open(opts).map_err(|e| runtime_err(e.to_string()))?;
+    let pods = PodRuntime::open_default(containers).map_err(|e| runtime_err(e.to_string()))?;
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -116,6 +135,7 @@ pub async fn serve(
     let (listener, _socket) = bind_socket(&config.socket)?;
     let svc = Arc::new(CriService::new(
         images,
+        pods,
         metrics,
         Settings {
             root: config.root.clone(),
@@ -126,6 +146,7 @@ pub async fn serve(
             registry: config.registry.clone(),
         },
     ));
+    let events_task = tokio::spawn(container_events::watch(Arc::clone(&svc), stop_rx.clone()));
     let runtime = RuntimeServiceServer::from_arc(Arc::clone(&svc))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -161,6 +182,7 @@ pub async fn serve(
         }
     };
     let _ = stop_tx.send(true);
+    let _ = events_task.await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -34,6 +34,13 @@ pub struct CriArgs {
     /// kube-proxy's 10249 is left to `keel proxy`.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1338")]
     pub metrics_address: String,
+    /// Run dir for container state (tmpfs); pod namespace pins go beside it
+    /// (`/run/keel/pods`). Default: $KEEL_RUN_DIR, else /run/keel/containers.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// cgroup parent of pods whose sandbox config names none (kubelet always names one).
+    #[arg(long, value_name = "PATH", default_value = "keel")]
+    pub cgroup_parent: String,
 }
 
 pub fn run(root: &Path, config: &Config, args: CriArgs) -> anyhow::Result<ExitCode> {
@@ -46,6 +53,11 @@ pub fn run(root: &Path, config: &Config, args: CriArgs) -> anyhow::Result<ExitCo
         cni_conf_dir: args.cni_conf_dir,
         cni_bin_dir: args.cni_bin_dir,
         metrics_address,
+        run_dir: args
+            .run_dir
+            .or_else(|| std::env::var_os("KEEL_RUN_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/run/keel/containers")),
+        cgroup_parent: args.cgroup_parent,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,367 @@
+//! Pod networking through CNI plugins: keel-runtime's [`PodNetwork`] hook, implemented by
+//! executing the plugins of the node's network (the first config of `--cni-conf-dir`) from
+//! `--cni-bin-dir` as the CNI spec says: the operation in the environment (`CNI_COMMAND`,
+//! `CNI_CONTAINERID`, `CNI_NETNS`, `CNI_IFNAME`, `CNI_PATH`, `CNI_ARGS` with kubelet's
+//! `K8S_POD_*` keys), the plugin's config on stdin, the result (or an error object) on stdout.
+//!
+//! ADD runs the chain in order, each plugin after the first getting the previous result as
+//! `prevResult`; a failure DELs the whole chain (best effort) so nothing is left half set up.
+//! The result's IPs become the pod's; the conflist and the result are stored as the pod's
+//! network `details`, so DEL (every plugin in reverse, with `prevResult`) runs against the
+//! config the pod was set up with even if the conf dir changed since. Port mappings go to the
+//! plugins that declare the `portMappings` capability as `runtimeConfig.portMappings`.
+//!
+//! Written by hand: the maintained CNI libraries are Go (libcni); the exec protocol is a
+//! process spawn and two JSON documents. Building the per-plugin config and reading the result
+//! are pure functions ([`plugin_config`], [`result_ips`], [`cni_args`]).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use keel_runtime::pod::{NetworkError, PodIps, PodNetwork, PodRecord, PortMapping, Protocol};
+use serde_json::{Value, json};
+
+/// Why a plugin failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CniError {
+    #[error("CNI plugin {plugin} ({path}): {op}: {reason}")]
+    Exec {
+        plugin: String,
+        path: PathBuf,
+        op: &'static str,
+        reason: String,
+    },
+    #[error("CNI plugin {plugin} {op} failed (code {code}): {msg}")]
+    Plugin {
+        plugin: String,
+        op: &'static str,
+        code: u64,
+        msg: String,
+    },
+    #[error("CNI network details of pod {pod}: {reason}")]
+    Details { pod: String, reason: String },
+}
+
+/// The interface CNI puts in the pod (kubelet's and containerd's default).
+pub(crate) const IFNAME: &str = "eth0";
+
+/// Runs the plugins of one network. For setup it needs the network (`list`); teardown uses the
+/// list stored in the pod's network details.
+#[derive(Clone, Debug)]
+pub(crate) struct CniExec {
+    pub bin_dir: PathBuf,
+    /// The conflist to set pods up with; `None` for an instance that only tears down.
+    pub list: Option<Value>,
+}
+
+/// `CNI_ARGS` as kubelet's CNI runtimes pass it.
+pub(crate) fn cni_args(pod: &PodRecord) -> String {
+    format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+        pod.config.namespace,
+        crate::pod_convert::cri_name(pod),
+        pod.id,
+        pod.config.uid
+    )
+}
+
+fn protocol(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// The port mappings as the `portMappings` capability spells them.
+pub(crate) fn port_mappings(ports: &[PortMapping]) -> Value {
+    Value::Array(
+        ports
+            .iter()
+            .filter(|p| p.host_port != 0)
+            .map(|p| {
+                let mut m = json!({
+                    "hostPort": p.host_port,
+                    "containerPort": p.container_port,
+                    "protocol": protocol(p.protocol),
+                });
+                if !p.host_ip.is_empty() {
+                    m["hostIP"] = json!(p.host_ip);
+                }
+                m
+            })
+            .collect(),
+    )
+}
+
+/// The config plugin `index` of `list` gets on stdin: the plugin's object with the list's
+/// `name` and `cniVersion`, `prevResult` when there is one, and `runtimeConfig` for the
+/// capabilities it declares.
+pub(crate) fn plugin_config(
+    list: &Value,
+    index: usize,
+    prev_result: Option<&Value>,
+    ports: &[PortMapping],
+) -> Value {
+    let mut conf = list["plugins"][index].clone();
+    if !conf.is_object() {
+        conf = json!({});
+    }
+    conf["name"] = list["name"].clone();
+    conf["cniVersion"] = list
+        .get("cniVersion")
+        .cloned()
+        .unwrap_or_else(|| json!("1.0.0"));
+    if let Some(prev) = prev_result {
+        conf["prevResult"] = prev.clone();
+    }
+    let wants_ports = conf["capabilities"]["portMappings"].as_bool() == Some(true);
+    let mappings = port_mappings(ports);
+    if wants_ports && mappings.as_array().is_some_and(|m| !m.is_empty()) {
+        conf["runtimeConfig"] = json!({ "portMappings": mappings });
+    }
+    conf
+}
+
+/// The pod addresses of a CNI result (`ips[].address`, CIDR form), IPv4 first as containerd
+/// orders them (the first is the pod's primary IP).
+pub(crate) fn result_ips(result: &Value) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str())
+        .filter_map(|a| a.split('/').next())
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    ips.sort_by_key(|ip| !ip.is_ipv4());
+    ips
+}
+
+fn plugin_type(list: &Value, index: usize) -> String {
+    list["plugins"][index]["type"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+impl CniExec {
+    /// Runs one plugin; the parsed stdout on success.
+    fn invoke(
+        &self,
+        op: &'static str,
+        plugin: &str,
+        pod: &PodRecord,
+        netns: &Path,
+        conf: &Value,
+    ) -> Result<Value, CniError> {
+        let path = self.bin_dir.join(plugin);
+        let fail = |op: &'static str, reason: String| CniError::Exec {
+            plugin: plugin.to_owned(),
+            path: path.clone(),
+            op,
+            reason,
+        };
+        if plugin.is_empty() || plugin.contains('/') {
+            return Err(fail("find", format!("invalid plugin type {plugin:?}")));
+        }
+        let mut cmd = Command::new(&path);
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", op)
+            .env("CNI_CONTAINERID", &pod.id)
+            .env("CNI_IFNAME", IFNAME)
+            .env("CNI_PATH", &self.bin_dir)
+            .env("CNI_ARGS", cni_args(pod))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // DEL of a pod whose pin is gone (after a reboot) must still release the addresses.
+        if op == "ADD" || netns.exists() {
+            cmd.env("CNI_NETNS", netns);
+        }
+        let mut child = cmd.spawn().map_err(|e| fail("spawn", e.to_string()))?;
+        let input = conf.to_string();
+        if let Some(mut stdin) = child.stdin.take() {
+            // A plugin may exit without reading stdin; its exit status tells.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| fail("wait", e.to_string()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let parsed: Option<Value> = serde_json::from_str(stdout.trim()).ok();
+        if !out.status.success() {
+            let (code, msg) = match &parsed {
+                Some(v) => (
+                    v["code"].as_u64().unwrap_or(0),
+                    format!(
+                        "{}{}",
+                        v["msg"].as_str().unwrap_or(""),
+                        v["details"]
+                            .as_str()
+                            .map(|d| format!(": {d}"))
+                            .unwrap_or_default()
+                    ),
+                ),
+                None => (
+                    0,
+                    format!(
+                        "{}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                ),
+            };
+            return Err(CniError::Plugin {
+                plugin: plugin.to_owned(),
+                op,
+                code,
+                msg,
+            });
+        }
+        if op == "DEL" {
+            return Ok(Value::Null);
+        }
+        parsed.ok_or_else(|| fail("read result", format!("not JSON: {stdout:?}")))
+    }
+
+    /// DEL of every plugin of `list`, last first, each with `prev_result`.
+    fn del_all(
+        &self,
+        list: &Value,
+        pod: &PodRecord,
+        netns: &Path,
+        prev_result: Option<&Value>,
+    ) -> Result<(), CniError> {
+        let n = list["plugins"].as_array().map_or(0, Vec::len);
+        let mut first_err = None;
+        for i in (0..n).rev() {
+            let conf = plugin_config(list, i, prev_result, &pod.config.port_mappings);
+            if let Err(e) = self.invoke("DEL", &plugin_type(list, i), pod, netns, &conf) {
+                tracing::warn!(pod = %pod.id, error = %e, "CNI DEL");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl PodNetwork for CniExec {
+    fn setup(&self, pod: &PodRecord, netns: &Path) -> Result<PodIps, NetworkError> {
+        let list = self.list.as_ref().ok_or_else(|| CniError::Details {
+            pod: pod.id.clone(),
+            reason: "no CNI network configured".into(),
+        })?;
+        let n = list["plugins"].as_array().map_or(0, Vec::len);
+        let mut prev: Option<Value> = None;
+        for i in 0..n {
+            let conf = plugin_config(list, i, prev.as_ref(), &pod.config.port_mappings);
+            match self.invoke("ADD", &plugin_type(list, i), pod, netns, &conf) {
+                Ok(result) => prev = Some(result),
+                Err(e) => {
+                    if let Err(del) = self.del_all(list, pod, netns, prev.as_ref()) {
+                        tracing::warn!(pod = %pod.id, error = %del, "CNI DEL after a failed ADD");
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let result = prev.unwrap_or(Value::Null);
+        tracing::debug!(pod = %pod.id, %result, "CNI ADD");
+        Ok(PodIps {
+            ips: result_ips(&result),
+            details: json!({ "network": list, "result": result }),
+        })
+    }
+
+    fn teardown(&self, pod: &PodRecord, netns: &Path) -> Result<(), NetworkError> {
+        let details = &pod.network.details;
+        let list = match (&details["network"], &self.list) {
+            (Value::Object(_), _) => &details["network"],
+            (_, Some(l)) => l,
+            _ => {
+                return Err(CniError::Details {
+                    pod: pod.id.clone(),
+                    reason: "no stored network and no CNI network configured".into(),
+                }
+                .into());
+            }
+        };
+        let prev = details.get("result").filter(|r| r.is_object());
+        Ok(self.del_all(list, pod, netns, prev)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list() -> Value {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "keel",
+            "plugins": [
+                {"type": "keel-cni", "bridge": "kbr0"},
+                {"type": "portmap", "capabilities": {"portMappings": true}},
+            ],
+        })
+    }
+
+    fn ports() -> Vec<PortMapping> {
+        vec![
+            PortMapping {
+                protocol: Protocol::Tcp,
+                container_port: 80,
+                host_port: 8080,
+                host_ip: String::new(),
+            },
+            // No host port: nothing to publish.
+            PortMapping {
+                protocol: Protocol::Udp,
+                container_port: 53,
+                host_port: 0,
+                host_ip: String::new(),
+            },
+        ]
+    }
+
+    #[test]
+    fn plugins_get_the_list_name_version_and_prev_result() {
+        let first = plugin_config(&list(), 0, None, &ports());
+        assert_eq!(first["name"], "keel");
+        assert_eq!(first["cniVersion"], "1.0.0");
+        assert_eq!(first["bridge"], "kbr0");
+        assert!(first.get("prevResult").is_none());
+        assert!(first.get("runtimeConfig").is_none(), "no capability");
+        let prev = json!({"ips": [{"address": "10.1.0.2/24"}]});
+        let second = plugin_config(&list(), 1, Some(&prev), &ports());
+        assert_eq!(second["prevResult"], prev);
+        assert_eq!(
+            second["runtimeConfig"]["portMappings"],
+            json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}])
+        );
+        let no_ports = plugin_config(&list(), 1, Some(&prev), &[]);
+        assert!(no_ports.get("runtimeConfig").is_none());
+    }
+
+    #[test]
+    fn result_ips_put_ipv4_first() {
+        let r = json!({"ips": [
+            {"address": "fd00::2/64"},
+            {"address": "10.1.0.2/24"},
+            {"address": "garbage"},
+        ]});
+        let ips = result_ips(&r);
+        assert_eq!(
+            ips,
+            vec![
+                "10.1.0.2".parse::<IpAddr>().unwrap(),
+                "fd00::2".parse().unwrap()
+            ]
+        );
+        assert!(result_ips(&Value::Null).is_empty());
+    }
+}
