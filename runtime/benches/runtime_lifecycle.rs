@@ -12,17 +12,22 @@
 //!
 //! This binary is also the monitor when `KEEL_BIN` is unset: main dispatches the hidden roles.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use keel_runtime::ImageStore;
+use keel_runtime::container::container_create::PHASE_TARGET;
 use keel_runtime::container::state::{RunState, read_json};
 use keel_runtime::container::{ContainerConfig, ContainerRuntime, ImageInfo, RuntimeOptions};
 use keel_runtime::pod::{LoopbackOnly, PodConfig, PodOptions, PodRuntime};
 use keel_testkit::image_builder::{MediaTypes, Variant, build_cached};
 use keel_testkit::{CgroupGuard, StateRoot};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::{Layer, filter};
 
 const RUNS: usize = 50;
 const WARMUP: usize = 3;
@@ -37,6 +42,51 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("bench runtime: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Phase timings of the current lifecycle: the library's create/remove phases (its
+/// `PHASE_TARGET` events) and the bench's own per-call ones.
+static PHASES: Mutex<Vec<(String, Duration)>> = Mutex::new(Vec::new());
+
+fn record_phase(name: &str, d: Duration) {
+    if let Ok(mut p) = PHASES.lock() {
+        p.push((name.to_string(), d));
+    }
+}
+
+/// Collects the library's phase events into [`PHASES`].
+struct PhaseLayer;
+
+impl<S: tracing::Subscriber> Layer<S> for PhaseLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        #[derive(Default)]
+        struct Fields {
+            phase: Option<String>,
+            micros: Option<u64>,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+                if f.name() == "phase" {
+                    self.phase = Some(v.to_string());
+                }
+            }
+            fn record_u64(&mut self, f: &tracing::field::Field, v: u64) {
+                if f.name() == "micros" {
+                    self.micros = Some(v);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        if let (Some(p), Some(us)) = (f.phase, f.micros) {
+            record_phase(&p, Duration::from_micros(us));
         }
     }
 }
@@ -58,6 +108,8 @@ fn run() -> anyhow::Result<()> {
         bail!("needs root (namespaces, mounts, cgroups)");
     }
     let runc = runc_path()?;
+    let phases = PhaseLayer.with_filter(filter::filter_fn(|m| m.target() == PHASE_TARGET));
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(phases))?;
     let state = StateRoot::new()?;
     let cgroup = CgroupGuard::new()?;
     let parent = cgroup.name().to_string();
@@ -146,12 +198,21 @@ fn bench(
 
     let mut keel_t = Vec::new();
     let mut runc_t = Vec::new();
+    let mut keel_phases: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
     for i in 0..WARMUP + RUNS {
+        PHASES.lock().map(|mut p| p.clear()).ok();
         let k = keel_lifecycle(rt, image, &true_cfg)?;
         let r = runc_lifecycle(runc, &runc_root, &bundle)?;
         if i >= WARMUP {
             keel_t.push(k);
             runc_t.push(r);
+            for (name, d) in PHASES.lock().map(|p| p.clone()).unwrap_or_default() {
+                if !order.contains(&name) {
+                    order.push(name.clone());
+                }
+                keel_phases.entry(name).or_default().push(d);
+            }
         }
     }
     rt.remove(&holder, true)?;
@@ -175,6 +236,13 @@ fn bench(
         ms(r50),
         ms(r95)
     );
+    println!("keel phases (p50 / p95 of each; library phases nest inside the calls):");
+    for name in &order {
+        if let Some(v) = keel_phases.get_mut(name) {
+            let (a, b) = (pct(v, 50), pct(v, 95));
+            println!("  {name:<32} {:>10} {:>10}", ms(a), ms(b));
+        }
+    }
     let ratio = k50.as_secs_f64() / r50.as_secs_f64();
     println!(
         "ratio keel / runc: p50 {ratio:.2}x, p95 {:.2}x (target p50 <= 0.50x: {})",
@@ -252,12 +320,19 @@ fn keel_lifecycle(
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let id = rt.create(cfg, image)?;
+    let t1 = Instant::now();
     rt.start(&id)?;
+    let t2 = Instant::now();
     let exit = rt
         .wait(&id, Some(Duration::from_secs(10)))?
         .context("keel container did not exit")?;
+    let t3 = Instant::now();
     rt.remove(&id, false)?;
     let took = start.elapsed();
+    record_phase("create (call)", t1 - start);
+    record_phase("start (call)", t2 - t1);
+    record_phase("wait (call)", t3 - t2);
+    record_phase("remove (call)", start + took - t3);
     if exit.exit_code != 0 {
         bail!("keel container exited {exit:?}");
     }

@@ -5,6 +5,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceType};
@@ -48,6 +49,16 @@ impl ImageInfo {
     }
 }
 
+/// Target of the per-phase timing events (debug level) that `create` emits; the runtime
+/// benchmark collects them.
+pub const PHASE_TARGET: &str = "keel_runtime::phase";
+
+/// Reports that `phase` of container `id`'s create took the time since `since`.
+pub(super) fn phase(id: &str, phase: &'static str, since: Instant) {
+    let micros = since.elapsed().as_micros() as u64;
+    tracing::debug!(target: PHASE_TARGET, id, phase, micros, "phase done");
+}
+
 fn new_id() -> String {
     let bytes: [u8; 32] = rand::random();
     hex::encode(bytes)
@@ -83,6 +94,7 @@ impl ContainerRuntime {
         config: &ContainerConfig,
         image: &ImageInfo,
     ) -> Result<(), ContainerError> {
+        let t = Instant::now();
         let parent = config
             .cgroup_parent
             .clone()
@@ -114,7 +126,9 @@ impl ContainerRuntime {
             stop_signal,
         };
         write_json(&self.paths.record(id), &record)?;
+        phase(id, "record", t);
 
+        let t = Instant::now();
         let rootfs_dir = self.paths.rootfs(id);
         rootfs::mount(
             &rootfs_dir,
@@ -122,7 +136,9 @@ impl ContainerRuntime {
             &self.paths.upper(id),
             &self.paths.work(id),
         )?;
+        phase(id, "rootfs mount", t);
 
+        let t = Instant::now();
         let localhost_seccomp = match &config.security.seccomp {
             SeccompProfile::Localhost(p) => Some(seccomp::load_profile(p)?),
             _ => None,
@@ -156,7 +172,11 @@ impl ContainerRuntime {
             reason: format!("serialize spec: {e}"),
         })?;
         crate::fsutil::atomic_write(&bundle.join("config.json"), &data)?;
-        self.spawn_monitor(id)
+        phase(id, "spec", t);
+        let t = Instant::now();
+        self.spawn_monitor(id)?;
+        phase(id, "monitor until created", t);
+        Ok(())
     }
 
     /// Starts the monitor and waits until it reports the container created (or why not).

@@ -117,12 +117,16 @@ impl ContainerRuntime {
                 write_json(&self.paths.exit(id), &exit)?;
                 continue;
             }
-            // The monitor is writing the exit record right now.
-            if Instant::now() >= deadline {
+            // The monitor is writing the exit record right now (or still draining output of
+            // processes that inherited the init's stdio): it exits once the record is there.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 info.status = Status::Running;
                 return Ok(info);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if let Some(m) = run.monitor {
+                m.wait_gone(left);
+            }
         }
     }
 
@@ -164,7 +168,23 @@ impl ContainerRuntime {
             if info.status == Status::Unknown || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(25));
+            // The monitor writes the exit record, then exits: block on its exit. A slice of
+            // at most a second bounds the wait should the record be written some other way.
+            let left = deadline.map_or(Duration::from_secs(1), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let slice = left.min(Duration::from_secs(1));
+            let run: RunState = read_json(&self.paths.run_state(id))?.unwrap_or_default();
+            match (run.monitor.filter(|m| m.is_alive()), run.init) {
+                (Some(monitor), _) => {
+                    monitor.wait_gone(slice);
+                }
+                // The monitor was killed: the init's end is what status waits for.
+                (None, Some(init)) => {
+                    init.wait_gone(slice);
+                }
+                (None, None) => std::thread::sleep(slice.min(Duration::from_millis(25))),
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use libcontainer::container::Container;
 
+use super::container_create::phase;
 use super::state::{ContainerRecord, RunState, read_json};
 use super::{ContainerError, ContainerRuntime, Status, cgroups, rootfs};
 
@@ -28,19 +29,18 @@ impl ContainerRuntime {
 
     /// Removes whatever exists of a container, whatever state it is in.
     pub(super) fn remove_everything(&self, id: &str) -> Result<(), ContainerError> {
+        let t = Instant::now();
         let run: RunState = read_json(&self.paths.run_state(id))
             .ok()
             .flatten()
             .unwrap_or_default();
-        if let Some(monitor) = run.monitor {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while monitor.is_alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if monitor.is_alive() {
-                let _ = monitor.signal(9);
-            }
+        if let Some(monitor) = run.monitor
+            && !monitor.wait_gone(Duration::from_secs(5))
+        {
+            let _ = monitor.signal(9);
         }
+        phase(id, "remove: monitor exit", t);
+        let t = Instant::now();
         let libdir = self.paths.libcontainer(id);
         if libdir.exists() {
             match Container::load(libdir.clone()) {
@@ -53,6 +53,8 @@ impl ContainerRuntime {
             }
             crate::fsutil::remove_dir_all_if_exists(&libdir)?;
         }
+        phase(id, "remove: libcontainer delete", t);
+        let t = Instant::now();
         let record: Option<ContainerRecord> = read_json(&self.paths.record(id)).ok().flatten();
         if let Some(rec) = &record {
             cgroups::remove(&rec.cgroups_path)?;
@@ -61,8 +63,13 @@ impl ContainerRuntime {
                 cgroups::remove_empty_parent(&rec.cgroups_path);
             }
         }
+        phase(id, "remove: cgroups", t);
+        let t = Instant::now();
         rootfs::unmount(&self.paths.rootfs(id))?;
+        phase(id, "remove: unmount", t);
+        let t = Instant::now();
         crate::fsutil::remove_dir_all_if_exists(&self.paths.dir(id))?;
+        phase(id, "remove: dir", t);
         Ok(())
     }
 }

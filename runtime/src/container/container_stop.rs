@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::state::{ExitRecord, read_json};
+use super::state::{ExitRecord, RunState, read_json};
 use super::{ContainerError, ContainerRuntime, Status, cgroups};
 
 const SIGKILL: i32 = 9;
@@ -15,7 +15,7 @@ impl ContainerRuntime {
         if let Some(exit) = info.exit {
             return Ok(exit);
         }
-        let run: super::state::RunState = read_json(&self.paths.run_state(id))?.unwrap_or_default();
+        let run: RunState = read_json(&self.paths.run_state(id))?.unwrap_or_default();
         let Some(init) = run.init else {
             return Err(ContainerError::InvalidState {
                 id: id.to_string(),
@@ -63,7 +63,18 @@ impl ContainerRuntime {
             if self.status(id)?.exit.is_some() {
                 continue;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // The monitor exits right after writing the record: block on that.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let run: RunState = read_json(&self.paths.run_state(id))?.unwrap_or_default();
+            match (run.monitor.filter(|m| m.is_alive()), run.init) {
+                (Some(monitor), _) => {
+                    monitor.wait_gone(left);
+                }
+                (None, Some(init)) => {
+                    init.wait_gone(left);
+                }
+                (None, None) => std::thread::sleep(left.min(Duration::from_millis(20))),
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 //! decisions around them stay testable.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
@@ -67,6 +69,63 @@ impl ProcessId {
             Ok(()) => Ok(true),
             Err(rustix::io::Errno::SRCH) => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl ProcessId {
+    /// Blocks until this process has exited (a zombie counts as exited; a newer process with
+    /// its pid is not it) or `timeout` passes; true once it is gone. Waits on a pidfd opened
+    /// before the identity check, so a reused pid cannot fool it; where the kernel lacks
+    /// pidfd (before 5.3) it rechecks every few milliseconds.
+    pub fn wait_gone(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Some(pid) = Pid::from_raw(self.pid) else {
+            return true;
+        };
+        match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Err(rustix::io::Errno::SRCH) => return true,
+            Ok(fd) => {
+                if !self.is_alive() {
+                    return true;
+                }
+                if let Some(gone) = poll_readable(fd.as_fd(), deadline) {
+                    return gone || !self.is_alive();
+                }
+            }
+            Err(_) => {}
+        }
+        loop {
+            if !self.is_alive() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(5)));
+        }
+    }
+}
+
+/// Polls `fd` for readability until `deadline`: `Some(true)` when readable, `Some(false)` at
+/// the deadline, `None` when poll itself fails.
+fn poll_readable(fd: std::os::fd::BorrowedFd<'_>, deadline: Instant) -> Option<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Rounded up: a zero timeout before the deadline would spin.
+        let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) if Instant::now() >= deadline => return Some(false),
+            Ok(0) => {}
+            Ok(_) => return Some(true),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return None,
         }
     }
 }
@@ -206,5 +265,27 @@ mod tests {
         assert_eq!(parse_signal("kill"), Some(9));
         assert_eq!(parse_signal("10"), Some(10));
         assert_eq!(parse_signal("NOPE"), None);
+    }
+
+    #[test]
+    fn wait_gone_sees_exit_and_times_out() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.05")
+            .spawn()
+            .unwrap();
+        let id = ProcessId::of(child.id() as i32).unwrap();
+        assert!(!id.wait_gone(Duration::from_millis(1)));
+        let start = Instant::now();
+        assert!(id.wait_gone(Duration::from_secs(5)));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        child.wait().unwrap();
+        // Reaped: the pid is free, the identity is gone.
+        assert!(id.wait_gone(Duration::ZERO));
+        let me = ProcessId::of(std::process::id() as i32).unwrap();
+        let other = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(other.wait_gone(Duration::from_secs(5)));
     }
 }
