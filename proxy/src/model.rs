@@ -95,14 +95,39 @@ pub fn desired(
         let svc_slices = by_service
             .get(&(ns.clone(), name.clone()))
             .unwrap_or(&no_slices);
-        if let Err(reason) = translate_service(svc, &ns, &name, svc_slices, node, &mut out) {
-            skipped.push(Skipped {
+        // A Service that fails halfway contributes nothing, as on the API source's path.
+        let mut one = Desired::new();
+        match translate_service(svc, &ns, &name, svc_slices, node, &mut one) {
+            Ok(()) => out.extend(one),
+            Err(reason) => skipped.push(Skipped {
                 object: format!("Service {ns}/{name}"),
                 reason,
-            });
+            }),
         }
     }
     (out, skipped)
+}
+
+/// Translates one Service with the slices that name it (the API source's per-event path: the
+/// cost is that Service's, whatever the number of others). Same rules as `desired`.
+pub fn desired_one(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+) -> (Desired, Option<Skipped>) {
+    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let name = svc.metadata.name.as_deref().unwrap_or_default();
+    let mut out = Desired::new();
+    match translate_service(svc, ns, name, slices, node, &mut out) {
+        Ok(()) => (out, None),
+        Err(reason) => (
+            Desired::new(),
+            Some(Skipped {
+                object: format!("Service {ns}/{name}"),
+                reason,
+            }),
+        ),
+    }
 }
 
 fn proto_number(p: Option<&str>) -> Result<u8, String> {
@@ -374,6 +399,21 @@ spec: {clusterIP: None, ports: [{port: 80}]}
         assert_eq!(http.ready, vec![L4Addr::new(ip("10.0.1.2"), 8080, 0)]);
         assert_eq!(http.flags, SVC_F_LOCAL_ONLY);
         assert_eq!(http.affinity_timeout, 0);
+    }
+
+    #[test]
+    fn a_service_failing_halfway_contributes_nothing() {
+        let text = MANIFESTS.replace("protocol: UDP}", "protocol: QUIC}");
+        let m = parse_manifests(&text).unwrap();
+        let (d, skipped) = desired(&m.services, &m.slices, &NodeContext::default());
+        assert!(
+            d.is_empty(),
+            "the http port translated before dns failed: {d:?}"
+        );
+        assert_eq!(skipped.len(), 1);
+        let (one, why) = desired_one(&m.services[0], &[], &NodeContext::default());
+        assert!(one.is_empty());
+        assert!(why.unwrap().reason.contains("QUIC"));
     }
 
     #[test]
