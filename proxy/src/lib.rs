@@ -2,12 +2,15 @@
 //! Services and EndpointSlices into the BPF maps (a kube-proxy replacement).
 //!
 //! Pure logic (`model`: objects -> desired map content; `sync`: minimal ordered map writes;
-//! `manifests`: the file source) is tested without root. Kernel access goes through `loader`
-//! (checks, load, attach, pin, uninstall) and `maps` (the pinned maps) only.
+//! `manifests`: the file source; `kube_source::Index`: API watch events -> changed frontends)
+//! is tested without root. Kernel access goes through `loader` (checks, load, attach, pin,
+//! uninstall) and `maps` (the pinned maps) only; the API server through kube-rs in
+//! `kube_source`.
 //!
-//! Not here yet: SNAT for remote backends and XDP on the NodePort path, and the Kubernetes API
-//! source (see docs/crates/proxy.md).
+//! Not here yet: SNAT for remote backends and XDP on the NodePort path (see
+//! docs/crates/proxy.md).
 
+pub mod kube_source;
 pub mod loader;
 pub mod ls;
 pub mod maglev;
@@ -18,5 +21,6 @@ pub mod proxy;
 pub mod server;
 pub mod sync;
 
+pub use kube_source::{ApiSource, Source, choose_source};
 pub use loader::{DEFAULT_BPFFS_DIR, LoaderError, default_cgroup};
 pub use proxy::{Proxy, ProxyConfig, ProxyError, uninstall};

@@ -8,16 +8,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-/// Service load balancing in the kernel (replaces kube-proxy): `keel proxy --manifests PATH`
-/// runs it; `keel proxy ls` and `keel proxy uninstall` inspect and remove it.
+/// Service load balancing in the kernel (replaces kube-proxy): `keel proxy --kubeconfig PATH`
+/// (or, in a pod, the in-cluster config) follows an API server, `keel proxy --manifests PATH` a
+/// file; `keel proxy ls` and `keel proxy uninstall` inspect and remove it.
 #[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ProxyArgs {
     #[command(subcommand)]
     pub command: Option<ProxyCommand>,
     /// Multi-document YAML of Service and EndpointSlice objects to serve; re-read on change.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
+    /// Kubeconfig of the Kubernetes API server whose Services and EndpointSlices to serve
+    /// (watched; its current context). Without it and --manifests, the in-cluster config is
+    /// used when running in a pod (KUBERNETES_SERVICE_HOST set).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// The cgroup v2 directory the socket hooks attach to (default: the v2 hierarchy's root,
     /// /sys/fs/cgroup or /sys/fs/cgroup/unified on hybrid hosts).
     #[arg(long)]
@@ -31,11 +37,13 @@ pub struct ProxyArgs {
     /// /metrics listener (Prometheus text); "off" disables it.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
-    /// How often the manifests file is checked for changes, in milliseconds.
+    /// How often the manifests file is checked for changes, in milliseconds (--manifests).
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
-    /// This node's name (internalTrafficPolicy/externalTrafficPolicy=Local).
-    #[arg(long, env = "NODE_NAME")]
+    /// This node's name, matched against endpoints' nodeName for
+    /// internalTrafficPolicy/externalTrafficPolicy=Local. With the API source it defaults to
+    /// the host name, lowercased (as the kubelet names its Node).
+    #[arg(long, alias = "hostname-override", env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// This node's addresses, on which NodePorts answer to clients on the node; repeatable.
     #[arg(long = "node-ip")]
@@ -44,9 +52,6 @@ pub struct ProxyArgs {
     /// repeatable.
     #[arg(long = "tc-iface")]
     pub tc_interfaces: Vec<String>,
-    /// Kubernetes API server source (not implemented yet: use --manifests).
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -74,14 +79,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         }
         None => {}
     }
-    if args.kubeconfig.is_some() {
-        anyhow::bail!(
-            "--kubeconfig: the API server source is not implemented yet; use --manifests PATH"
-        );
-    }
-    let manifests = args
-        .manifests
-        .context("keel proxy needs --manifests PATH (Service and EndpointSlice YAML)")?;
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    let source = keel_proxy::choose_source(args.manifests, args.kubeconfig, host.as_deref())?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => keel_proxy::default_cgroup().context(
@@ -95,6 +94,14 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--metrics-bind-address {a:?}"))?,
         ),
     };
+    let node_name = match (&source, args.node_name) {
+        (keel_proxy::Source::Api(_), None) => keel_proxy::kube_source::default_node_name(),
+        (_, n) => n,
+    };
+    let manifests = match &source {
+        keel_proxy::Source::Manifests(m) => m.clone(),
+        keel_proxy::Source::Api(_) => PathBuf::new(),
+    };
     let cfg = keel_proxy::ProxyConfig {
         manifests,
         cgroup,
@@ -103,13 +110,16 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         metrics_addr,
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         node: keel_proxy::model::NodeContext {
-            node_name: args.node_name,
+            node_name,
             node_ips: args.node_ips,
         },
         tc_interfaces: args.tc_interfaces,
         tc_netns: None,
     };
-    let proxy = keel_proxy::Proxy::start(cfg)?;
+    let proxy = match &source {
+        keel_proxy::Source::Manifests(_) => keel_proxy::Proxy::start(cfg)?,
+        keel_proxy::Source::Api(api) => keel_proxy::Proxy::start_api(cfg, api)?,
+    };
     eprintln!(
         "keel proxy: serving; /healthz on {}{}",
         proxy.healthz_addr(),
