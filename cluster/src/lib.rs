@@ -1,11 +1,12 @@
 //! keel-cluster: the store trait with its redb and etcd backends, the Kubernetes-compatible API
 //! server, the scheduler and the controllers.
 //!
-//! Today it holds the store ([`store`]) and the API server ([`api`]); the scheduler and
-//! controllers follow in the standalone cluster issue. Each module has its own error enum, gathered
+//! Today it holds the store ([`store`]), the API server ([`api`]) and the scheduler
+//! ([`scheduler`]); the controllers follow in the standalone cluster issue. Each module has its own error enum, gathered
 //! here into [`Error`].
 
 pub mod api;
+pub mod scheduler;
 pub mod store;
 
 pub use store::{
