@@ -11,26 +11,29 @@
 //! | `versions` | (key, revision) | put (create revision, value) or tombstone |
 //! | `changes` | revision | key changed at that revision (the watch log) |
 //!
-//! Every write is one redb write transaction committed with redb's default
-//! `Durability::Immediate` (fsynced before the call returns), so an acknowledged write survives
-//! a crash; redb repairs an uncleanly closed file on open. Writes are serialized by `writer`, which
-//! is also held while the change is published, so watchers see changes in revision order. Each
-//! write touches O(log n) entries; nothing scans a table on the write path.
+//! Writes go through one writer thread (`writer.rs`) that commits whatever is queued as one
+//! redb write transaction with `Durability::Immediate` (group commit: one fsync for all the
+//! writes that arrived during the previous one), publishes their changes in revision order, and
+//! only then answers, so an acknowledged write survives a crash; redb repairs an uncleanly closed
+//! file on open. Each write touches O(log n) entries; nothing scans a table on the write path.
 //!
-//! Must not block the async runtime: every redb call runs on `spawn_blocking`.
+//! Must not block the async runtime: reads run on `spawn_blocking`, writes on the writer thread.
 
 mod codec;
 mod read;
 mod write;
+mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use redb::{Database, TableDefinition};
 use tokio::task::JoinError;
 
+use self::write::Change;
+use self::writer::Writer;
 use super::watch_hub::{self, Catchup, Hub, Source};
 use super::{
     Deleted, GetResult, KeyValue, ListOptions, ListPage, Store, StoreError, WatchOptions,
@@ -55,7 +58,8 @@ const INITIAL_REVISION: i64 = 1;
 /// Tuning of the embedded store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedbOptions {
-    /// Changes buffered for watchers; one that falls further behind re-reads the history.
+    /// Changes buffered for watchers; one that falls further behind re-reads the history. Also
+    /// caps the writes one transaction takes (at most 512), so a batch's events fit the buffer.
     pub watch_buffer: usize,
     /// Revisions one compaction transaction covers, so a large compaction does not hold up
     /// writers for long.
@@ -72,19 +76,17 @@ impl Default for RedbOptions {
 }
 
 /// The embedded store. Dropping it ends its watches and closes the file once in-flight calls
-/// finish.
+/// and queued writes finish.
 #[derive(Debug)]
 pub struct RedbStore {
     inner: Arc<Inner>,
+    writer: Writer,
 }
 
 #[derive(Debug)]
 struct Inner {
     db: Database,
     path: PathBuf,
-    /// Serializes write transactions together with publishing their change. Guards no data of
-    /// its own: the state lives in redb.
-    writer: Mutex<()>,
     hub: Hub,
     compact_batch: i64,
 }
@@ -111,15 +113,14 @@ impl RedbStore {
         })?;
         let revision = write::init(&db, &path)?;
         tracing::debug!(path = %path.display(), revision, "opened redb store");
-        Ok(RedbStore {
-            inner: Arc::new(Inner {
-                db,
-                path,
-                writer: Mutex::new(()),
-                hub: Hub::new(opts.watch_buffer, revision),
-                compact_batch: i64::try_from(opts.compact_batch.max(1)).unwrap_or(i64::MAX),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            db,
+            path,
+            hub: Hub::new(opts.watch_buffer, revision),
+            compact_batch: i64::try_from(opts.compact_batch.max(1)).unwrap_or(i64::MAX),
+        });
+        let writer = Writer::start(Arc::clone(&inner), opts.watch_buffer)?;
+        Ok(RedbStore { inner, writer })
     }
 
     /// [`RedbStore::open`] on a blocking thread.
@@ -215,9 +216,12 @@ impl Store for RedbStore {
     }
 
     async fn create(&self, key: &[u8], value: Bytes) -> Result<KeyValue, StoreError> {
-        let key = Bytes::copy_from_slice(key);
-        self.blocking("create", move |inner| write::create(inner, key, value))
-            .await
+        let change = Change::Put {
+            key: Bytes::copy_from_slice(key),
+            value,
+            expected: None,
+        };
+        Ok(self.writer.write(change).await?.kv)
     }
 
     async fn update(
@@ -226,11 +230,12 @@ impl Store for RedbStore {
         value: Bytes,
         expected_mod_revision: i64,
     ) -> Result<KeyValue, StoreError> {
-        let key = Bytes::copy_from_slice(key);
-        self.blocking("update", move |inner| {
-            write::update(inner, key, value, expected_mod_revision)
-        })
-        .await
+        let change = Change::Put {
+            key: Bytes::copy_from_slice(key),
+            value,
+            expected: Some(expected_mod_revision),
+        };
+        Ok(self.writer.write(change).await?.kv)
     }
 
     async fn delete(
@@ -238,11 +243,15 @@ impl Store for RedbStore {
         key: &[u8],
         expected_mod_revision: Option<i64>,
     ) -> Result<Deleted, StoreError> {
-        let key = Bytes::copy_from_slice(key);
-        self.blocking("delete", move |inner| {
-            write::delete(inner, key, expected_mod_revision)
+        let change = Change::Delete {
+            key: Bytes::copy_from_slice(key),
+            expected: expected_mod_revision,
+        };
+        let applied = self.writer.write(change).await?;
+        Ok(Deleted {
+            kv: applied.kv,
+            revision: applied.revision,
         })
-        .await
     }
 
     async fn watch(
@@ -260,8 +269,7 @@ impl Store for RedbStore {
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        self.blocking("compact", move |inner| write::compact(inner, revision))
-            .await
+        self.writer.compact(revision).await
     }
 
     async fn revision(&self) -> Result<i64, StoreError> {
@@ -299,6 +307,18 @@ pub enum RedbError {
     },
     #[error("store {}: corrupt: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
+    #[error("store {}: start the writer thread: {source}", path.display())]
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store {}: {op}: the writer thread stopped; the write may not have been committed", path.display())]
+    WriterStopped { path: PathBuf, op: &'static str },
+    #[error("store {}: the write transaction this write was batched into failed: {source}", path.display())]
+    Batch {
+        path: PathBuf,
+        source: Arc<StoreError>,
+    },
     #[error("store {}: {op}: worker thread failed: {source}", path.display())]
     Worker {
         path: PathBuf,

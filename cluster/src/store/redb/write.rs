@@ -1,22 +1,22 @@
-//! Writes of the redb store: create, compare-and-swap update and delete, compaction, and the
-//! table setup at open. Each change is one durable write transaction that raises the revision,
-//! records the new version and the change, then is published to the watchers.
+//! What the redb store's writer applies inside its transactions: create, compare-and-swap
+//! update and delete (each checking its own precondition first, then recording the new version
+//! and the change at the revision it is given), one compaction step, and the table setup at open.
 //!
-//! Must not publish anything that was not committed, nor publish out of revision order: both
-//! follow from committing and publishing under the `writer` lock.
+//! Must not begin, commit or publish anything: the writer (`writer.rs`) owns the transactions,
+//! hands out the revisions and publishes after the commit. Must not write before a change's
+//! precondition holds, so that a refused change leaves the batch's transaction untouched.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::PoisonError;
 
 use bytes::Bytes;
-use redb::{Database, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use super::codec::{self, Version};
 use super::{
     CHANGES, COMPACTED, CURRENT, INITIAL_REVISION, Inner, META, REVISION, VERSIONS, storage_error,
 };
-use crate::store::{Deleted, KeyValue, StoreError, WatchEvent, key_str};
+use crate::store::{KeyValue, StoreError, WatchEvent, key_str};
 
 /// Creates the tables of a new file and returns the store's revision.
 pub(super) fn init(db: &Database, path: &Path) -> Result<i64, StoreError> {
@@ -53,62 +53,112 @@ pub(super) fn init(db: &Database, path: &Path) -> Result<i64, StoreError> {
     Ok(revision)
 }
 
-/// The tables a change writes.
-struct Tables<'txn> {
+/// A write transaction that is fsynced before its commit returns. `Immediate` is redb's default;
+/// it is set here so that no change of default can weaken "acknowledged means durable".
+pub(super) fn begin(inner: &Inner, op: &'static str) -> Result<WriteTransaction, StoreError> {
+    let mut txn = inner.db.begin_write().map_err(inner.fail(op))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(inner.fail(op))?;
+    Ok(txn)
+}
+
+/// The tables a batch of changes writes, opened once per transaction.
+pub(super) struct Tables<'txn> {
+    meta: Table<'txn, &'static str, i64>,
     current: Table<'txn, &'static [u8], &'static [u8]>,
     versions: Table<'txn, (&'static [u8], i64), &'static [u8]>,
     changes: Table<'txn, i64, &'static [u8]>,
 }
 
-/// Runs `change` at the next revision in one durable transaction, then publishes its event.
-/// `change` returns the caller's answer and the event, or an answer such as Conflict, which
-/// aborts the transaction.
-fn write<T>(
-    inner: &Inner,
-    op: &'static str,
-    change: impl FnOnce(&mut Tables<'_>, i64) -> Result<(T, WatchEvent), StoreError>,
-) -> Result<T, StoreError> {
-    // The guarded state is in redb, and a panicking writer's transaction was aborted, so a
-    // poisoned lock protects nothing broken.
-    let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
-    let txn = inner.db.begin_write().map_err(inner.fail(op))?;
-    let outcome = apply(inner, op, &txn, change);
-    let (answer, event) = match outcome {
-        Ok(done) => done,
-        Err(e) => {
-            // Nothing was committed; an abort failure would only repeat the cause.
-            let _ = txn.abort();
-            return Err(e);
+impl<'txn> Tables<'txn> {
+    pub(super) fn open(inner: &Inner, txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        let fail = inner.fail("open tables");
+        Ok(Tables {
+            meta: txn.open_table(META).map_err(&fail)?,
+            current: txn.open_table(CURRENT).map_err(&fail)?,
+            versions: txn.open_table(VERSIONS).map_err(&fail)?,
+            changes: txn.open_table(CHANGES).map_err(&fail)?,
+        })
+    }
+
+    /// The store's revision as of this transaction.
+    pub(super) fn revision(&self, inner: &Inner) -> Result<i64, StoreError> {
+        Ok(self
+            .meta
+            .get(REVISION)
+            .map_err(inner.fail("read revision"))?
+            .map_or(INITIAL_REVISION, |v| v.value()))
+    }
+
+    pub(super) fn set_revision(&mut self, inner: &Inner, revision: i64) -> Result<(), StoreError> {
+        self.meta
+            .insert(REVISION, revision)
+            .map_err(inner.fail("write revision"))?;
+        Ok(())
+    }
+}
+
+/// One write as the writer applies it.
+#[derive(Debug)]
+pub(super) enum Change {
+    /// A create (`expected: None`, the key must be absent) or a compare-and-swap update (the
+    /// key's mod revision must be `expected`).
+    Put {
+        key: Bytes,
+        value: Bytes,
+        expected: Option<i64>,
+    },
+    /// A delete, compare-and-swap when `expected` is set.
+    Delete { key: Bytes, expected: Option<i64> },
+}
+
+impl Change {
+    pub(super) fn op(&self) -> &'static str {
+        match self {
+            Change::Put { expected: None, .. } => "create",
+            Change::Put { .. } => "update",
+            Change::Delete { .. } => "delete",
         }
-    };
-    txn.commit().map_err(inner.fail(op))?;
-    inner.hub.publish(event);
-    Ok(answer)
+    }
 }
 
-fn apply<T>(
+/// What an applied change answers: the key's new state for a put, its last state for a delete;
+/// `revision` is the change's revision.
+#[derive(Debug)]
+pub(super) struct Applied {
+    pub(super) kv: KeyValue,
+    pub(super) revision: i64,
+}
+
+/// The answer a change gets on its own: applied at its revision, or refused by its precondition
+/// (AlreadyExists, NotFound, Conflict) having written nothing.
+pub(super) type Answer = Result<(Applied, WatchEvent), StoreError>;
+
+/// Applies `change` at `revision` inside the batch's transaction. The outer error is storage
+/// failing, which dooms the whole batch; the inner one is this change's precondition failing,
+/// which the batch survives because the check comes before any write.
+pub(super) fn apply(
     inner: &Inner,
-    op: &'static str,
-    txn: &WriteTransaction,
-    change: impl FnOnce(&mut Tables<'_>, i64) -> Result<(T, WatchEvent), StoreError>,
-) -> Result<(T, WatchEvent), StoreError> {
-    let mut meta = txn.open_table(META).map_err(inner.fail(op))?;
-    let revision = meta
-        .get(REVISION)
-        .map_err(inner.fail(op))?
-        .map_or(INITIAL_REVISION, |v| v.value());
-    let next = revision + 1;
-    let mut tables = Tables {
-        current: txn.open_table(CURRENT).map_err(inner.fail(op))?,
-        versions: txn.open_table(VERSIONS).map_err(inner.fail(op))?,
-        changes: txn.open_table(CHANGES).map_err(inner.fail(op))?,
-    };
-    let done = change(&mut tables, next)?;
-    meta.insert(REVISION, next).map_err(inner.fail(op))?;
-    Ok(done)
+    t: &mut Tables<'_>,
+    change: Change,
+    revision: i64,
+) -> Result<Answer, StoreError> {
+    match change {
+        Change::Put {
+            key,
+            value,
+            expected: None,
+        } => create(inner, t, key, value, revision),
+        Change::Put {
+            key,
+            value,
+            expected: Some(expected),
+        } => update(inner, t, key, value, expected, revision),
+        Change::Delete { key, expected } => delete(inner, t, key, expected, revision),
+    }
 }
 
-/// Records `key`'s new value at `revision` in all three tables.
+/// Records `key`'s new value at `revision` in the three data tables.
 fn put(
     inner: &Inner,
     t: &mut Tables<'_>,
@@ -149,98 +199,110 @@ fn current(inner: &Inner, t: &Tables<'_>, key: &Bytes) -> Result<Option<KeyValue
     }))
 }
 
-/// The current state when it is at `expected` (or any, without expectation).
+/// The current state when it is at `expected` (or any, without expectation); the inner error
+/// is the precondition's answer.
 fn current_at(
     inner: &Inner,
     t: &Tables<'_>,
     key: &Bytes,
     expected: Option<i64>,
-) -> Result<KeyValue, StoreError> {
-    let kv = current(inner, t, key)?.ok_or_else(|| StoreError::NotFound { key: key_str(key) })?;
-    match expected {
+) -> Result<Result<KeyValue, StoreError>, StoreError> {
+    let Some(kv) = current(inner, t, key)? else {
+        return Ok(Err(StoreError::NotFound { key: key_str(key) }));
+    };
+    Ok(match expected {
         Some(expected) if expected != kv.mod_revision => Err(StoreError::Conflict {
             key: key_str(key),
             expected,
             actual: kv.mod_revision,
         }),
         _ => Ok(kv),
-    }
-}
-
-pub(super) fn create(inner: &Inner, key: Bytes, value: Bytes) -> Result<KeyValue, StoreError> {
-    write(inner, "create", |t, revision| {
-        if current(inner, t, &key)?.is_some() {
-            return Err(StoreError::AlreadyExists { key: key_str(&key) });
-        }
-        put(inner, t, &key, &value, revision, revision)?;
-        let kv = KeyValue {
-            key,
-            value,
-            create_revision: revision,
-            mod_revision: revision,
-        };
-        Ok((kv.clone(), WatchEvent::Put { kv, prev: None }))
     })
 }
 
-pub(super) fn update(
+fn create(
     inner: &Inner,
+    t: &mut Tables<'_>,
+    key: Bytes,
+    value: Bytes,
+    revision: i64,
+) -> Result<Answer, StoreError> {
+    if current(inner, t, &key)?.is_some() {
+        return Ok(Err(StoreError::AlreadyExists { key: key_str(&key) }));
+    }
+    put(inner, t, &key, &value, revision, revision)?;
+    let kv = KeyValue {
+        key,
+        value,
+        create_revision: revision,
+        mod_revision: revision,
+    };
+    let event = WatchEvent::Put {
+        kv: kv.clone(),
+        prev: None,
+    };
+    Ok(Ok((Applied { kv, revision }, event)))
+}
+
+fn update(
+    inner: &Inner,
+    t: &mut Tables<'_>,
     key: Bytes,
     value: Bytes,
     expected: i64,
-) -> Result<KeyValue, StoreError> {
-    write(inner, "update", |t, revision| {
-        let prev = current_at(inner, t, &key, Some(expected))?;
-        put(inner, t, &key, &value, prev.create_revision, revision)?;
-        let kv = KeyValue {
-            key,
-            value,
-            create_revision: prev.create_revision,
-            mod_revision: revision,
-        };
-        let event = WatchEvent::Put {
-            kv: kv.clone(),
-            prev: Some(prev),
-        };
-        Ok((kv, event))
-    })
+    revision: i64,
+) -> Result<Answer, StoreError> {
+    let prev = match current_at(inner, t, &key, Some(expected))? {
+        Ok(prev) => prev,
+        Err(answer) => return Ok(Err(answer)),
+    };
+    put(inner, t, &key, &value, prev.create_revision, revision)?;
+    let kv = KeyValue {
+        key,
+        value,
+        create_revision: prev.create_revision,
+        mod_revision: revision,
+    };
+    let event = WatchEvent::Put {
+        kv: kv.clone(),
+        prev: Some(prev),
+    };
+    Ok(Ok((Applied { kv, revision }, event)))
 }
 
-pub(super) fn delete(
+fn delete(
     inner: &Inner,
+    t: &mut Tables<'_>,
     key: Bytes,
     expected: Option<i64>,
-) -> Result<Deleted, StoreError> {
-    write(inner, "delete", |t, revision| {
-        let last = current_at(inner, t, &key, expected)?;
-        let fail = inner.fail("delete");
-        t.current.remove(key.as_ref()).map_err(&fail)?;
-        t.versions
-            .insert(
-                (key.as_ref(), revision),
-                codec::encode_tombstone().as_slice(),
-            )
-            .map_err(&fail)?;
-        t.changes.insert(revision, key.as_ref()).map_err(&fail)?;
-        let event = WatchEvent::Delete {
-            last: last.clone(),
-            revision,
-        };
-        Ok((Deleted { kv: last, revision }, event))
-    })
+    revision: i64,
+) -> Result<Answer, StoreError> {
+    let last = match current_at(inner, t, &key, expected)? {
+        Ok(last) => last,
+        Err(answer) => return Ok(Err(answer)),
+    };
+    let fail = inner.fail("delete");
+    t.current.remove(key.as_ref()).map_err(&fail)?;
+    t.versions
+        .insert(
+            (key.as_ref(), revision),
+            codec::encode_tombstone().as_slice(),
+        )
+        .map_err(&fail)?;
+    t.changes.insert(revision, key.as_ref()).map_err(&fail)?;
+    let event = WatchEvent::Delete {
+        last: last.clone(),
+        revision,
+    };
+    Ok(Ok((Applied { kv: last, revision }, event)))
 }
 
-/// Compacts through `target`, one transaction per `compact_batch` revisions.
-pub(super) fn compact(inner: &Inner, target: i64) -> Result<(), StoreError> {
-    while compact_step(inner, target)? {}
-    Ok(())
-}
-
-/// One compaction transaction; true while more remain.
-fn compact_step(inner: &Inner, target: i64) -> Result<bool, StoreError> {
-    let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
+/// One compaction transaction, covering at most `compact_batch` revisions towards `target`;
+/// true while more remain. Runs on the writer thread between batches, so a large compaction
+/// lets the writes queued behind it through after each step.
+pub(super) fn compact_step(inner: &Inner, target: i64) -> Result<bool, StoreError> {
     let op = "compact";
-    let txn = inner.db.begin_write().map_err(inner.fail(op))?;
+    let txn = begin(inner, op)?;
     let step = (|| {
         let mut meta = txn.open_table(META).map_err(inner.fail(op))?;
         let read = |name| -> Result<i64, StoreError> {
