@@ -47,6 +47,7 @@ conformance!(
     watch_resumes_from_the_last_seen_revision,
     compacted_revisions_are_gone,
     concurrent_writers_and_a_watcher_see_every_change_once,
+    many_writers_with_conflicting_updates,
     idle_watch_reports_progress,
 );
 
@@ -570,6 +571,183 @@ async fn concurrent_writers_and_a_watcher_see_every_change_once<S: Store + ?Size
         "events in strictly increasing revision order"
     );
     assert_eq!(seen.iter().cloned().collect::<HashSet<_>>(), acked);
+    assert_quiet(&mut w, Duration::from_millis(300)).await;
+}
+
+/// One acknowledged write of `many_writers_with_conflicting_updates`.
+#[derive(Debug, Clone)]
+struct Acked {
+    key: String,
+    revision: i64,
+    /// What it wrote: `Some(value)` for a put, `None` for a delete.
+    value: Option<String>,
+    /// The revision a compare-and-swap expected.
+    expected: Option<i64>,
+}
+
+/// 64 writers x 50 writes at once: creates and deletes of their own keys, and compare-and-swap
+/// updates of 8 shared keys that race each other (half with a fresh read, half with a revision
+/// that is stale as soon as anyone else won). Every acknowledged write must be there with its own
+/// revision, increasing per writer; every lost race must be a Conflict; the winners on each shared
+/// key must form one chain; a watch must see exactly the acknowledged writes, in order.
+async fn many_writers_with_conflicting_updates<S: Store + ?Sized>(s: &S) {
+    const WRITERS: usize = 64;
+    const WRITES: usize = 50;
+    const HOT: usize = 8;
+    let mut initial = Vec::new();
+    for h in 0..HOT {
+        let kv = s
+            .create(format!("/mw/hot/{h}").as_bytes(), b("init"))
+            .await
+            .expect("create hot key");
+        initial.push(kv.mod_revision);
+    }
+    let from = s.revision().await.expect("revision");
+    let mut w = s
+        .watch(b"/mw/", from, WatchOptions::default())
+        .await
+        .expect("watch");
+
+    let initial = &initial;
+    let writer = |id: usize| async move {
+        let mut acked: Vec<Acked> = Vec::new();
+        let mut conflicts = 0;
+        let mut own: Option<(String, i64)> = None;
+        for i in 0..WRITES {
+            if i % 3 == 2 {
+                // A race on a shared key.
+                let h = (id + i) % HOT;
+                let key = format!("/mw/hot/{h}");
+                let expected = if i % 2 == 0 {
+                    let got = s.get(key.as_bytes()).await.expect("get hot key");
+                    got.kv.expect("hot keys are never deleted").mod_revision
+                } else {
+                    initial[h]
+                };
+                let value = format!("{id}/{i}");
+                match s.update(key.as_bytes(), b(&value), expected).await {
+                    Ok(kv) => acked.push(Acked {
+                        key,
+                        revision: kv.mod_revision,
+                        value: Some(value),
+                        expected: Some(expected),
+                    }),
+                    Err(StoreError::Conflict {
+                        expected: e,
+                        actual,
+                        ..
+                    }) => {
+                        assert_eq!(e, expected);
+                        assert!(actual > expected, "{key}: lost to {actual}, expected {e}");
+                        conflicts += 1;
+                    }
+                    Err(e) => panic!("{key}: a lost race must be a conflict: {e}"),
+                }
+            } else if let Some((key, rev)) = own.take().filter(|_| i % 3 == 1 && i % 2 == 1) {
+                // Delete the key created just before, compare-and-swap.
+                let d = s
+                    .delete(key.as_bytes(), Some(rev))
+                    .await
+                    .expect("delete own");
+                assert_eq!(d.kv.mod_revision, rev);
+                acked.push(Acked {
+                    key,
+                    revision: d.revision,
+                    value: None,
+                    expected: Some(rev),
+                });
+            } else {
+                let key = format!("/mw/own/{id}/{i}");
+                let value = format!("{id}/{i}");
+                let kv = s
+                    .create(key.as_bytes(), b(&value))
+                    .await
+                    .expect("create own");
+                assert_eq!(kv.create_revision, kv.mod_revision);
+                own = Some((key.clone(), kv.mod_revision));
+                acked.push(Acked {
+                    key,
+                    revision: kv.mod_revision,
+                    value: Some(value),
+                    expected: None,
+                });
+            }
+        }
+        assert!(
+            acked.windows(2).all(|p| p[0].revision < p[1].revision),
+            "writer {id}: its revisions increase"
+        );
+        (acked, conflicts)
+    };
+    let results = futures::future::join_all((0..WRITERS).map(writer)).await;
+    let conflicts: usize = results.iter().map(|(_, c)| c).sum();
+    let acked: Vec<Acked> = results.into_iter().flat_map(|(a, _)| a).collect();
+    let races = WRITERS * (WRITES / 3);
+    assert!(conflicts > 0, "stale revisions must lose");
+    let hot_wins = acked
+        .iter()
+        .filter(|a| a.key.starts_with("/mw/hot/"))
+        .count();
+    assert_eq!(hot_wins + conflicts, races, "every race won or lost");
+    let revisions: HashSet<i64> = acked.iter().map(|a| a.revision).collect();
+    assert_eq!(
+        revisions.len(),
+        acked.len(),
+        "every write has its own revision"
+    );
+
+    // The winners on each shared key chain: each expected the previous winner's revision.
+    let mut latest: BTreeMap<String, (i64, Option<String>)> = BTreeMap::new();
+    let mut by_revision = acked.clone();
+    by_revision.sort_by_key(|a| a.revision);
+    for (h, &created) in initial.iter().enumerate() {
+        let key = format!("/mw/hot/{h}");
+        let mut rev = created;
+        for a in by_revision.iter().filter(|a| a.key == key) {
+            assert_eq!(
+                a.expected,
+                Some(rev),
+                "{key}: a CAS won against a stale revision"
+            );
+            rev = a.revision;
+        }
+    }
+    for a in &by_revision {
+        latest.insert(a.key.clone(), (a.revision, a.value.clone()));
+    }
+
+    // The final state is the last acknowledged write of every key.
+    let listed = s.list(b"/mw/", ListOptions::default()).await.expect("list");
+    let mut state: BTreeMap<String, (i64, Option<String>)> = listed
+        .items
+        .iter()
+        .map(|kv| {
+            let value = String::from_utf8_lossy(&kv.value).into_owned();
+            (key(&kv.key), (kv.mod_revision, Some(value)))
+        })
+        .collect();
+    for (h, &created) in initial.iter().enumerate() {
+        let key = format!("/mw/hot/{h}");
+        if !latest.contains_key(&key) {
+            // Nobody won on this key: it still holds its creation.
+            let untouched = state.remove(&key).expect("hot key present");
+            assert_eq!(untouched, (created, Some("init".to_string())));
+        }
+    }
+    latest.retain(|_, (_, value)| value.is_some());
+    assert_eq!(state, latest, "every acknowledged write is there");
+
+    // The watch saw exactly the acknowledged writes, in revision order.
+    let events = next_changes(&mut w, acked.len()).await;
+    let seen: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| (summary(e).1, e.revision()))
+        .collect();
+    let want: Vec<(String, i64)> = by_revision
+        .iter()
+        .map(|a| (a.key.clone(), a.revision))
+        .collect();
+    assert_eq!(seen, want);
     assert_quiet(&mut w, Duration::from_millis(300)).await;
 }
 
