@@ -501,7 +501,15 @@ async fn pods_and_containers_through_cri() {
     );
 
     // RunPodSandbox gets an address from keel-cni; PodSandboxStatus shows it.
-    let web = run_pod(&mut rt, pod_config("web", &logs)).await;
+    let mut web_cfg = pod_config("web", &logs);
+    web_cfg.dns_config = Some(api::DnsConfig {
+        servers: vec!["192.0.2.53".into()],
+        searches: vec!["svc.keel.test".into()],
+        options: vec!["ndots:5".into()],
+    });
+    web_cfg.linux.as_mut().unwrap().sysctls =
+        HashMap::from([("net.ipv4.ip_local_port_range".into(), "30000 40000".into())]);
+    let web = run_pod(&mut rt, web_cfg).await;
     let st = rt
         .pod_sandbox_status(api::PodSandboxStatusRequest {
             pod_sandbox_id: web.clone(),
@@ -537,7 +545,11 @@ async fn pods_and_containers_through_cri() {
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     assert!(e.message().contains(&web), "{e:?}");
 
-    let db = run_pod(&mut rt, pod_config("db", &logs)).await;
+    // kubelet names the pod cgroup.
+    let mut db_cfg = pod_config("db", &logs);
+    let db_cgroup = format!("{}/kubepods/poddb", node.parent());
+    db_cfg.linux.as_mut().unwrap().cgroup_parent = format!("/{db_cgroup}");
+    let db = run_pod(&mut rt, db_cfg).await;
     // Host network: no CNI, the node's addresses.
     let mut host_cfg = pod_config("hostnet", &logs);
     host_cfg
@@ -656,6 +668,26 @@ async fn pods_and_containers_through_cri() {
     );
     let r = exec(&mut rt, &client, &["hostname"], 5).await;
     assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "web");
+    // DNS config and sysctls of the sandbox.
+    let r = exec(&mut rt, &client, &["cat", "/etc/resolv.conf"], 5).await;
+    let resolv = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        resolv.contains("nameserver 192.0.2.53") && resolv.contains("search svc.keel.test"),
+        "{resolv}"
+    );
+    let r = exec(
+        &mut rt,
+        &client,
+        &["cat", "/proc/sys/net/ipv4/ip_local_port_range"],
+        5,
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["30000", "40000"]
+    );
 
     // ExecSync: output, exit code, timeout.
     let r = exec(
@@ -694,6 +726,16 @@ async fn pods_and_containers_through_cri() {
     // The same name in another pod is fine.
     let db_main = create(&mut rt, &db, ctr_config("client", &["sleep", "3600"])).await;
     start(&mut rt, &db_main).await;
+    let (_, db_info) = status(&mut rt, &db_main).await;
+    let db_path = serde_json::from_str::<serde_json::Value>(&db_info["info"]).unwrap()["record"]
+        ["cgroups_path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        db_path.trim_start_matches('/').starts_with(&db_cgroup),
+        "{db_path} not under {db_cgroup}"
+    );
 
     // ListContainers with filters.
     let all = containers_listed(&mut rt, Default::default()).await;

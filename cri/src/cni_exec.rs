@@ -348,6 +348,38 @@ mod tests {
     }
 
     #[test]
+    fn cni_args_carry_kubelets_keys() {
+        let mut config = keel_runtime::pod::PodConfig {
+            name: "web_default_u1_0".into(),
+            namespace: "default".into(),
+            uid: "u1".into(),
+            ..Default::default()
+        };
+        config
+            .annotations
+            .insert(crate::pod_convert::POD_NAME_KEY.into(), "web".into());
+        let rec = PodRecord {
+            id: "abc".into(),
+            config,
+            created_at: chrono::Utc::now(),
+            state: keel_runtime::pod::PodState::Creating,
+            hostname: "web".into(),
+            cgroup_parent: "keel/pod-abc".into(),
+            namespaces: Default::default(),
+            keeper: None,
+            shm: None,
+            network: Default::default(),
+            network_ready: false,
+            stopped_at: None,
+        };
+        assert_eq!(
+            cni_args(&rec),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;\
+             K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u1"
+        );
+    }
+
+    #[test]
     fn result_ips_put_ipv4_first() {
         let r = json!({"ips": [
             {"address": "fd00::2/64"},

@@ -173,8 +173,8 @@ pub(crate) fn user(sc: &api::LinuxContainerSecurityContext) -> Result<Option<Str
 }
 
 /// Security settings of a security context. The deprecated `seccomp_profile_path` is still
-/// what older kubelets and crictl configs send, so it is read when `seccomp` is unset. AppArmor is accepted and not applied (keel has
-/// no AppArmor support; on hosts without AppArmor there is nothing to apply).
+/// what older kubelets and crictl configs send, so it is read when `seccomp` is unset.
+/// AppArmor is checked apart ([`check_apparmor`]).
 #[expect(
     deprecated,
     reason = "seccomp_profile_path: older kubelets still send it"
@@ -196,6 +196,35 @@ pub(crate) fn security(sc: &api::LinuxContainerSecurityContext) -> Result<Securi
         masked_paths: nonempty(&sc.masked_paths),
         readonly_paths: nonempty(&sc.readonly_paths),
     })
+}
+
+/// Whether the node enforces AppArmor (the kernel module says so).
+pub(crate) fn host_has_apparmor() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|s| s.trim() == "Y")
+}
+
+/// AppArmor: keel does not load or apply profiles. Where the host has no AppArmor every
+/// request is accepted and ignored (there is nothing to confine with, as containerd does);
+/// on an AppArmor host a Localhost profile is refused rather than silently not applied, and
+/// RuntimeDefault runs unconfined (logged).
+#[expect(deprecated, reason = "apparmor_profile: older kubelets still send it")]
+pub(crate) fn check_apparmor(
+    sc: &api::LinuxContainerSecurityContext,
+    host_has_apparmor: bool,
+) -> Result<(), CriError> {
+    use api::security_profile::ProfileType;
+    let localhost = match &sc.apparmor {
+        Some(p) => p.profile_type == ProfileType::Localhost as i32,
+        None => sc.apparmor_profile.starts_with("localhost/"),
+    };
+    if localhost && host_has_apparmor && !sc.privileged {
+        return Err(CriError::invalid(
+            "config.linux.security_context.apparmor",
+            "keel cannot apply AppArmor profiles; use RuntimeDefault or Unconfined",
+        ));
+    }
+    Ok(())
 }
 
 fn propagation(p: i32) -> Propagation {
@@ -261,6 +290,7 @@ pub(crate) fn container_config(
     }
     let linux = c.linux.clone().unwrap_or_default();
     let sc = linux.security_context.clone().unwrap_or_default();
+    check_apparmor(&sc, host_has_apparmor())?;
     let res = linux.resources.clone().unwrap_or_default();
     let meta = CriMeta {
         name: m.name.clone(),

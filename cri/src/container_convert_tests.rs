@@ -302,3 +302,25 @@ fn nano_cores_from_two_samples() {
     assert_eq!(nano_cores((5, 0), (5, 10)), None);
     assert_eq!(nano_cores((0, 10), (1, 5)), None);
 }
+
+#[test]
+fn apparmor_is_ignored_without_apparmor_and_localhost_refused_with_it() {
+    let local = api::LinuxContainerSecurityContext {
+        apparmor: Some(api::SecurityProfile {
+            profile_type: api::security_profile::ProfileType::Localhost as i32,
+            localhost_ref: "k8s-nginx".into(),
+        }),
+        ..Default::default()
+    };
+    assert!(check_apparmor(&local, false).is_ok());
+    let e = check_apparmor(&local, true).unwrap_err();
+    assert!(e.to_string().contains("apparmor"), "{e}");
+    let default = api::LinuxContainerSecurityContext {
+        apparmor: Some(api::SecurityProfile {
+            profile_type: api::security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        }),
+        ..Default::default()
+    };
+    assert!(check_apparmor(&default, true).is_ok());
+}
