@@ -39,17 +39,18 @@ pub enum KubeSourceError {
     /// No source was given and this is not a pod.
     #[error(
         "no source of Services: pass --kubeconfig PATH (Kubernetes API server) or --manifests PATH \
-         (YAML file); the in-cluster config is used only in a pod (KUBERNETES_SERVICE_HOST unset)"
+         (YAML file); this is not a pod (KUBERNETES_SERVICE_HOST is unset), so there is no \
+         in-cluster config"
     )]
     NoSource,
-    #[error("kubeconfig {path}: {source}")]
+    #[error("kubeconfig {path}")]
     Kubeconfig {
         path: PathBuf,
         source: kube::config::KubeconfigError,
     },
-    #[error("in-cluster config (this pod's service account): {0}")]
-    InCluster(kube::config::InClusterError),
-    #[error("API client for {url}: {source}")]
+    #[error("in-cluster config (this pod's service account)")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("API client for {url}")]
     Client { url: String, source: kube::Error },
     /// The server answered but refuses these credentials: retrying would not help.
     #[error("API server {url} refuses to list Services: {code} {message}")]

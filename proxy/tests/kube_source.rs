@@ -38,7 +38,7 @@ struct TestApi {
     server: Option<ApiServer>,
     config: ApiConfig,
     store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl TestApi {
@@ -58,7 +58,7 @@ impl TestApi {
             server: Some(server),
             config,
             store,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -221,5 +221,43 @@ fn api_source_follows_services_and_endpointslices() -> Result<()> {
     assert!(proxy.syncs() >= 3, "one full sync, then one per change");
     proxy.stop();
     drop(api);
+    Ok(())
+}
+
+/// Credentials the server refuses fail the start at once, naming the server, before anything is
+/// installed (no root needed: the bpffs and cgroup paths are never reached).
+#[test]
+fn refused_credentials_fail_the_start_before_install() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let api = rt.block_on(TestApi::start())?;
+    let text = std::fs::read_to_string(api.kubeconfig())?;
+    let token = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .context("token in the kubeconfig")?;
+    let bad = api.dir.path().join("bad-kubeconfig");
+    std::fs::write(&bad, text.replace(token, "not-a-token"))?;
+    let nowhere = api.dir.path().join("never-created");
+    let cfg = keel_proxy::ProxyConfig {
+        manifests: Default::default(),
+        cgroup: nowhere.join("cgroup"),
+        bpffs_dir: nowhere.join("bpffs"),
+        healthz_addr: "127.0.0.1:0".parse()?,
+        metrics_addr: None,
+        poll_interval: Duration::from_secs(1),
+        node: Default::default(),
+        tc_interfaces: vec![],
+        tc_netns: None,
+    };
+    let Err(e) = Proxy::start_api(cfg, &ApiSource::Kubeconfig(bad)) else {
+        bail!("the proxy started with a refused token");
+    };
+    let msg = e.to_string();
+    assert!(msg.contains("refuses") && msg.contains("401"), "{msg}");
+    assert!(msg.contains(&api.config.listen.to_string()), "{msg}");
+    assert!(!nowhere.exists());
     Ok(())
 }
