@@ -50,8 +50,10 @@ enum Command {
     Cni(cli::cni::CniArgs),
     /// Serve the Kubernetes CRI (RuntimeService, ImageService) on a unix socket.
     Cri(cli::cri::CriArgs),
-    /// Run the control plane: the Kubernetes-compatible API server on redb or etcd.
+    /// Run the control plane: the Kubernetes-compatible API server on redb or etcd, and the scheduler.
     Server(cli::server::ServerArgs),
+    /// Run the scheduler alone against an API server (keel server runs it in-process).
+    Scheduler(cli::scheduler::SchedulerArgs),
     /// eBPF service proxy (kube-proxy replacement): run it, `ls`, `uninstall`.
     Proxy(cli::proxy::ProxyArgs),
 }
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
             Command::Cni(args) => cli::cni::run(args).map(|()| ExitCode::SUCCESS),
             Command::Cri(args) => cli::cri::run(&cli.root, &config, args),
             Command::Server(args) => cli::server::run(args),
+            Command::Scheduler(args) => cli::scheduler::run(args),
             Command::Proxy(args) => cli::proxy::run(args),
         }
     })();

@@ -190,3 +190,72 @@ async fn acknowledged_writes_survive_sigkill() {
         .count();
     assert!(count >= acked.len());
 }
+
+#[test]
+fn the_server_schedules_pods_onto_ready_nodes() {
+    let dir = tempfile::Builder::new()
+        .prefix("keel-server-")
+        .tempdir()
+        .unwrap();
+    let server = start(dir.path(), free_port());
+    let manifest = dir.path().join("objects.yaml");
+    std::fs::write(
+        &manifest,
+        r#"apiVersion: v1
+kind: Node
+metadata: {name: worker-1}
+status:
+  allocatable: {cpu: "2", memory: 4Gi, pods: "110"}
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: fits, namespace: default}
+spec: {containers: [{name: c, image: busybox, resources: {requests: {cpu: 500m}}}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: too-big, namespace: default}
+spec: {containers: [{name: c, image: busybox, resources: {requests: {cpu: "4"}}}]}
+"#,
+    )
+    .unwrap();
+    kubectl(
+        &server.kubeconfig,
+        &["create", "-f", manifest.to_str().unwrap()],
+    );
+    let node_of = |pod: &str| {
+        kubectl(
+            &server.kubeconfig,
+            &["get", "pod", pod, "-o", "jsonpath={.spec.nodeName}"],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while node_of("fits") != "worker-1" {
+        assert!(std::time::Instant::now() < deadline, "pod not scheduled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = kubectl(
+            &server.kubeconfig,
+            &[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=too-big",
+                "-o",
+                "jsonpath={.items[*].message}",
+            ],
+        );
+        if events.contains("Insufficient cpu") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no FailedScheduling event: {events:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(node_of("too-big"), "");
+}

@@ -6,6 +6,7 @@
 //! here into [`Error`].
 
 pub mod api;
+pub mod client;
 pub mod scheduler;
 pub mod store;
 
@@ -21,4 +22,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     Server(#[from] api::ServerError),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    #[error(transparent)]
+    Scheduler(#[from] scheduler::SchedulerError),
 }

@@ -4,4 +4,5 @@ pub mod ctr;
 pub mod image;
 pub mod pod;
 pub mod proxy;
+pub mod scheduler;
 pub mod server;

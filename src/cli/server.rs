@@ -1,6 +1,7 @@
 //! `keel server`: the control plane. Parses flags into a `keel_cluster::api::ApiConfig`, opens the
-//! store (redb in the data dir, or etcd), starts the API server, prints the kubeconfig path and
-//! serves until SIGTERM or SIGINT. The work is in keel-cluster.
+//! store (redb in the data dir, or etcd), starts the API server and the scheduler (a client of
+//! that server through the admin kubeconfig), prints the kubeconfig path and serves until
+//! SIGTERM or SIGINT. The work is in keel-cluster.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use keel_cluster::api::{ApiConfig, ApiServer, Cidr};
+use keel_cluster::scheduler::SchedulerConfig;
 use keel_cluster::store::{self, StoreConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -45,6 +47,9 @@ pub struct ServerArgs {
     /// Seconds between watch bookmarks.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub bookmark_interval: u64,
+    /// Do not run the scheduler in this process (run `keel scheduler` elsewhere, or none).
+    #[arg(long)]
+    pub disable_scheduler: bool,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
@@ -100,6 +105,23 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
              keel server: export KUBECONFIG={kubeconfig}\n",
             server.url
         );
+        let scheduler = if args.disable_scheduler {
+            None
+        } else {
+            let client = keel_cluster::client::from_kubeconfig(&server.kubeconfig)
+                .await
+                .context("scheduler client")?;
+            Some(tokio::spawn(keel_cluster::scheduler::run(
+                client,
+                SchedulerConfig::default(),
+            )))
+        };
+        let scheduler_done = async {
+            match scheduler {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
         drop(out);
@@ -107,6 +129,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = int.recv() => tracing::info!("SIGINT"),
             _ = server.wait() => bail!("API server stopped"),
+            r = scheduler_done => bail!("scheduler stopped: {r:?}"),
         }
         Ok(ExitCode::SUCCESS)
     })

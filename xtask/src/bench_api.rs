@@ -92,7 +92,7 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// `KEEL_BIN` names a prebuilt binary; otherwise `cargo build --release` makes one.
-fn build_keel() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_keel() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("KEEL_BIN") {
         return Ok(PathBuf::from(bin));
     }
@@ -146,7 +146,7 @@ struct Result {
 }
 
 /// A `keel server` process, killed on drop.
-struct Server(Child);
+pub(crate) struct Server(pub(crate) Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -155,7 +155,12 @@ impl Drop for Server {
     }
 }
 
-fn start_server(keel: &Path, dir: &Path, etcd: Option<&str>) -> anyhow::Result<(Server, PathBuf)> {
+pub(crate) fn start_server(
+    keel: &Path,
+    dir: &Path,
+    etcd: Option<&str>,
+    extra: &[&str],
+) -> anyhow::Result<(Server, PathBuf)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -163,6 +168,7 @@ fn start_server(keel: &Path, dir: &Path, etcd: Option<&str>) -> anyhow::Result<(
     cmd.args(["server", "--no-node", "--data-dir"])
         .arg(dir)
         .args(["--api-listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .env_remove("KEEL_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -186,7 +192,7 @@ fn start_server(keel: &Path, dir: &Path, etcd: Option<&str>) -> anyhow::Result<(
     bail!("keel server exited before printing its kubeconfig path")
 }
 
-fn rss_mib(pid: u32) -> (f64, f64) {
+pub(crate) fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -207,7 +213,10 @@ async fn bench_server(keel: &Path, etcd: Option<&str>, pods: &[Value]) -> anyhow
         let keel = keel.to_path_buf();
         let d = dir.path().to_path_buf();
         let e = etcd.map(str::to_string);
-        tokio::task::spawn_blocking(move || start_server(&keel, &d, e.as_deref())).await??
+        tokio::task::spawn_blocking(move || {
+            start_server(&keel, &d, e.as_deref(), &["--disable-scheduler"])
+        })
+        .await??
     };
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;

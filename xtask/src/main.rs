@@ -8,6 +8,7 @@ mod bench_cni;
 mod bench_images;
 mod bench_proxy;
 mod bench_runtime;
+mod bench_scheduler;
 mod image;
 mod setup;
 
@@ -69,6 +70,8 @@ enum Bench {
     Runtime,
     /// Service load balancing: keel's socket LB vs kube-proxy's iptables rules (1..10,000 services).
     Proxy,
+    /// Scheduler: 1,000 simulated nodes, 10,000 pods: pods bound/s and create-to-bound p99.
+    Scheduler,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +87,7 @@ fn main() -> anyhow::Result<()> {
                 Bench::Cni => bench_cni::run(),
                 Bench::Runtime => bench_runtime::run(),
                 Bench::Proxy => bench_proxy::run(),
+                Bench::Scheduler => bench_scheduler::run(),
             }
         }
         Task::Image(ImageTask::Busybox(args)) => {
