@@ -47,6 +47,47 @@ pub(crate) enum CniError {
 /// The interface CNI puts in the pod (kubelet's and containerd's default).
 pub(crate) const IFNAME: &str = "eth0";
 
+/// How long one plugin execution may take before it is killed: a hung plugin must not hold
+/// its pod's lock (and kubelet's RunPodSandbox) forever. kubelet's own RPC timeout is 4 min.
+pub(crate) const PLUGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits for `child`, reading its stdout and stderr meanwhile; kills it after `timeout`.
+fn wait_with_timeout(
+    mut child: std::process::Child,
+    timeout: std::time::Duration,
+) -> Result<std::process::Output, String> {
+    use std::io::Read;
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                // A read error leaves what was read; the exit status tells the rest.
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(|e| e.to_string())? {
+            Some(status) => break status,
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {}s; killed", timeout.as_secs()));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// Runs the plugins of one network. For setup it needs the network (`list`); teardown uses the
 /// list stored in the pod's network details.
 #[derive(Clone, Debug)]
@@ -188,9 +229,7 @@ impl CniExec {
             // A plugin may exit without reading stdin; its exit status tells.
             let _ = stdin.write_all(input.as_bytes());
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| fail("wait", e.to_string()))?;
+        let out = wait_with_timeout(child, PLUGIN_TIMEOUT).map_err(|e| fail("wait", e))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let parsed: Option<Value> = serde_json::from_str(stdout.trim()).ok();
         if !out.status.success() {
@@ -377,6 +416,31 @@ mod tests {
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;\
              K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u1"
         );
+    }
+
+    #[test]
+    fn a_hung_plugin_is_killed_and_a_quick_one_answers() {
+        let quick = Command::new("sh")
+            .args(["-c", "echo out; echo err >&2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_with_timeout(quick, std::time::Duration::from_secs(10)).unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            (out.stdout.as_slice(), out.stderr.as_slice()),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
+        let hung = Command::new("sleep")
+            .arg("30")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let e = wait_with_timeout(hung, std::time::Duration::from_millis(100)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
