@@ -78,6 +78,8 @@ impl From<SyncError<MapsError>> for ProxyError {
 pub struct Metrics {
     pub syncs: u64,
     pub sync_errors: u64,
+    /// Failed lists/watches of the API source (the watcher retries each).
+    pub watch_errors: u64,
     pub sync_seconds_sum: f64,
     pub last_sync_seconds: f64,
     pub map_writes: u64,
@@ -250,7 +252,11 @@ async fn api_loop(
             _ = &mut stop_rx => break,
             ev = events.next() => match ev {
                 Some(ev) => Some(ev),
-                None => break,
+                None => {
+                    // kube-rs watchers retry for ever; an end means the client is gone.
+                    tracing::error!("the API watches ended; the maps keep their last state");
+                    break;
+                }
             },
             _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)),
                 if retry.is_some() => None,
@@ -273,6 +279,9 @@ async fn api_loop(
                 SourceEvent::Slice(e) => index.on_slice(*e),
                 SourceEvent::Error { kind, error } => {
                     tracing::warn!(kind, "watch failed, the watcher retries: {error}");
+                    if let Ok(mut s) = shared.lock() {
+                        s.metrics.watch_errors += 1;
+                    }
                 }
             }
         }

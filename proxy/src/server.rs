@@ -75,6 +75,12 @@ fn render(s: &Shared) -> String {
     let _ = writeln!(o, "keel_proxy_sync_errors_total {}", m.sync_errors);
     let _ = writeln!(
         o,
+        "# HELP keel_proxy_watch_errors_total Failed lists and watches of the API source (each retried)."
+    );
+    let _ = writeln!(o, "# TYPE keel_proxy_watch_errors_total counter");
+    let _ = writeln!(o, "keel_proxy_watch_errors_total {}", m.watch_errors);
+    let _ = writeln!(
+        o,
         "# HELP keel_proxy_sync_duration_seconds Time from reading the source to the last map write."
     );
     let _ = writeln!(o, "# TYPE keel_proxy_sync_duration_seconds summary");

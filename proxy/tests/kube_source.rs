@@ -22,7 +22,7 @@ use keel_proxy::maps::PinnedMaps;
 use keel_proxy::{ApiSource, Proxy};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-use support::{TCP_PORT, Topology, count, privileged};
+use support::{TCP_PORT, Topology, count, http_get, privileged};
 
 const NS: &str = "proxy-test";
 const VIP: &str = "10.96.7.20";
@@ -85,13 +85,13 @@ impl TestApi {
     }
 }
 
-fn service() -> Result<Service> {
+fn service(name: &str, vip: &str) -> Result<Service> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": "web", "namespace": NS},
+        "metadata": {"name": name, "namespace": NS},
         "spec": {
-            "clusterIP": VIP,
+            "clusterIP": vip,
             "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
         },
     }))?)
@@ -119,7 +119,11 @@ fn slice(backends: &[Ipv4Addr]) -> Result<EndpointSlice> {
 /// Polls the pinned maps until the ClusterIP frontend has `want` backends (None: no frontend);
 /// returns how long that took.
 fn wait_map(bpffs_dir: &Path, want: Option<usize>, since: Instant) -> Result<Duration> {
-    let key = SvcKey::new(VIP.parse()?, 80, IPPROTO_TCP);
+    wait_vip(bpffs_dir, VIP, want, since)
+}
+
+fn wait_vip(bpffs_dir: &Path, vip: &str, want: Option<usize>, since: Instant) -> Result<Duration> {
+    let key = SvcKey::new(vip.parse()?, 80, IPPROTO_TCP);
     let maps = PinnedMaps::open(bpffs_dir)?;
     let deadline = since + Duration::from_secs(20);
     loop {
@@ -129,7 +133,7 @@ fn wait_map(bpffs_dir: &Path, want: Option<usize>, since: Instant) -> Result<Dur
             return Ok(since.elapsed());
         }
         if Instant::now() > deadline {
-            bail!("the maps hold {now:?} backends for {VIP}:80 after 20 s, want {want:?}");
+            bail!("the maps hold {now:?} backends for {vip}:80 after 20 s, want {want:?}");
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -163,7 +167,7 @@ fn api_source_follows_services_and_endpointslices() -> Result<()> {
         Api::<Namespace>::all(client.clone())
             .create(&pp, &ns)
             .await?;
-        services.create(&pp, &service()?).await?;
+        services.create(&pp, &service("web", VIP)?).await?;
         slices.create(&pp, &slice(&ips)?).await?;
         anyhow::Ok(())
     })?;
@@ -174,6 +178,8 @@ fn api_source_follows_services_and_endpointslices() -> Result<()> {
     wait_map(&bpffs_dir, Some(3), Instant::now()).context("first sync")?;
     let per = count(&topo.client(&format!("tcp-ids {VIP}:80 30"))?);
     assert_eq!(per.len(), 3, "all three backends answer: {per:?}");
+    let health = http_get(proxy.healthz_addr(), "/healthz")?;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 
     // A backend leaves the EndpointSlice: it gets no new connection.
     let t = Instant::now();
@@ -204,6 +210,11 @@ fn api_source_follows_services_and_endpointslices() -> Result<()> {
     let per = count(&topo.client(&format!("tcp-ids {VIP}:80 10"))?);
     assert_eq!(per.keys().collect::<Vec<_>>(), ["b2"], "{per:?}");
 
+    // The Service watch may still be in its reconnect backoff: a new Service showing up in the
+    // maps says it is back, so the deletion below measures the steady state.
+    rt.block_on(services.create(&pp, &service("probe", "10.96.7.21")?))?;
+    wait_vip(&bpffs_dir, "10.96.7.21", Some(0), Instant::now())?;
+
     // The Service is deleted: its ClusterIP no longer resolves (nothing routes it in the client
     // namespace, so the connection fails).
     let t = Instant::now();
@@ -212,8 +223,14 @@ fn api_source_follows_services_and_endpointslices() -> Result<()> {
     let r = topo.client(&format!("tcp-ids {VIP}:80 1"))?;
     assert!(r[0].starts_with("err"), "{r:?}");
 
+    let metrics = http_get(proxy.healthz_addr(), "/metrics")?;
+    let watch_errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keel_proxy_watch_errors_total "))
+        .with_context(|| format!("no watch error counter: {metrics}"))?;
     println!(
-        "API write -> map change: backend removed {}, after a server restart {}, service deleted {}",
+        "API write -> map change: backend removed {}, after a server restart {} ({watch_errors} \
+         watch errors while it was down), service deleted {}",
         ms(slice_delay),
         ms(restart_delay),
         ms(delete_delay)
