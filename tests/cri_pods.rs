@@ -617,7 +617,17 @@ async fn pods_and_containers_through_cri() {
     let (s, _) = status(&mut rt, &server).await;
     assert_eq!(s.state, api::ContainerState::ContainerCreated as i32);
     start(&mut rt, &server).await;
-    let client = create(&mut rt, &web, ctr_config("client", &["sleep", "3600"])).await;
+    let shared = node.root().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("greeting"), "from-the-host\n").unwrap();
+    let mut client_cfg = ctr_config("client", &["sleep", "3600"]);
+    client_cfg.mounts.push(api::Mount {
+        container_path: "/shared".into(),
+        host_path: shared.to_str().unwrap().into(),
+        readonly: true,
+        ..Default::default()
+    });
+    let client = create(&mut rt, &web, client_cfg).await;
     start(&mut rt, &client).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -688,6 +698,67 @@ async fn pods_and_containers_through_cri() {
             .collect::<Vec<_>>(),
         ["30000", "40000"]
     );
+
+    // The mount: visible, read-only, and in ContainerStatus.
+    let r = exec(&mut rt, &client, &["cat", "/shared/greeting"], 5).await;
+    assert_eq!(r.stdout, b"from-the-host\n");
+    let r = exec(&mut rt, &client, &["touch", "/shared/new"], 5).await;
+    assert_ne!(r.exit_code, 0, "read-only mount was writable");
+    let (s, _) = status(&mut rt, &client).await;
+    assert_eq!(s.mounts.len(), 1, "{:?}", s.mounts);
+    assert_eq!(
+        (s.mounts[0].container_path.as_str(), s.mounts[0].readonly),
+        ("/shared", true)
+    );
+
+    // Security context: user and groups, read-only rootfs, no_new_privs, every capability
+    // dropped (the bounding set: a non-root user has no effective ones anyway).
+    let mut secure_cfg = ctr_config("secure", &["sleep", "3600"]);
+    {
+        let sc = secure_cfg
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap();
+        sc.run_as_user = Some(api::Int64Value { value: 1000 });
+        sc.run_as_group = Some(api::Int64Value { value: 1000 });
+        sc.supplemental_groups = vec![4242];
+        sc.readonly_rootfs = true;
+        sc.no_new_privs = true;
+        sc.capabilities = Some(api::Capability {
+            drop_capabilities: vec!["ALL".into()],
+            ..Default::default()
+        });
+    }
+    let secure = create(&mut rt, &web, secure_cfg).await;
+    start(&mut rt, &secure).await;
+    let r = exec(&mut rt, &secure, &["id"], 5).await;
+    let id = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(
+        id.contains("uid=1000") && id.contains("gid=1000") && id.contains("4242"),
+        "{id}"
+    );
+    let r = exec(&mut rt, &secure, &["touch", "/rootfs-write"], 5).await;
+    assert_ne!(r.exit_code, 0, "rootfs was writable");
+    let r = exec(
+        &mut rt,
+        &secure,
+        &["grep", "-E", "^(CapBnd|NoNewPrivs)", "/proc/self/status"],
+        5,
+    )
+    .await;
+    let caps = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(
+        caps.contains("CapBnd:\t0000000000000000") && caps.contains("NoNewPrivs:\t1"),
+        "{caps}"
+    );
+    rt.remove_container(api::RemoveContainerRequest {
+        container_id: secure.clone(),
+    })
+    .await
+    .unwrap();
 
     // ExecSync: output, exit code, timeout.
     let r = exec(
