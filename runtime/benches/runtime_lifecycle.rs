@@ -8,7 +8,8 @@
 //!    and spawns its monitor each time; runc's does neither.
 //! 2. Pod sandbox run + remove (namespaces pinned, /etc files, cgroup, shm).
 //! 3. VmRSS of one idle monitor process (the `keel` binary named by `KEEL_BIN`, else this
-//!    binary re-executed).
+//!    binary re-executed, creates the container, then becomes the `keel-monitor` watcher
+//!    built next to it), with what that RSS is made of (smaps).
 //!
 //! This binary is also the monitor when `KEEL_BIN` is unset: main dispatches the hidden roles.
 
@@ -303,7 +304,30 @@ fn bench(
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("no VmRSS")?;
+    // What the RSS is made of: file-backed pages (the executables and libraries touched)
+    // against anonymous ones (heap, stacks, relocated data).
+    let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", monitor.pid))?;
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let exe = std::fs::read_link(format!("/proc/{}/exe", monitor.pid))?;
+    let top = top_mappings(monitor.pid);
     rt.remove(&sleeper, true)?;
+    println!(
+        "Idle monitor {}: Rss {} KiB (Pss {}) = anonymous {} + file {} (shared {} / private {} \
+         clean); largest: {top}",
+        exe.display(),
+        field("Rss:"),
+        field("Pss:"),
+        field("Anonymous:"),
+        field("Rss:").saturating_sub(field("Anonymous:")),
+        field("Shared_Clean:"),
+        field("Private_Clean:"),
+    );
     println!(
         "Idle monitor RSS: {:.2} MiB (target <= 2 MiB: {}; conmon ~0.3 MiB, containerd shim \
          5-11 MiB)",
@@ -311,6 +335,42 @@ fn bench(
         if rss_kib <= 2048 { "met" } else { "NOT met" }
     );
     Ok(())
+}
+
+/// The four mappings (by file, or `[heap]`, `anon`) with the most resident KiB.
+fn top_mappings(pid: i32) -> String {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return String::new();
+    };
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Rss:") {
+            let kib: u64 = kib
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            *by.entry(current.clone()).or_default() += kib;
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-'))
+        {
+            let name = line.split_whitespace().nth(5).unwrap_or("anon");
+            current = Path::new(name)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| name.to_string());
+        }
+    }
+    let mut v: Vec<(String, u64)> = by.into_iter().collect();
+    v.sort_by_key(|(_, k)| std::cmp::Reverse(*k));
+    v.iter()
+        .take(4)
+        .map(|(n, k)| format!("{n} {k} KiB"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn keel_lifecycle(

@@ -4,7 +4,8 @@
 //!
 //! The measuring code is the release-built bench target `keel-runtime/benches/
 //! runtime_lifecycle.rs` (it calls the library the way keel-cri does, and must be optimized);
-//! this task builds the release `keel` binary (the monitor whose RSS is reported), checks
+//! this task builds the release `keel` binary (the monitor) and `keel-monitor` beside it (the
+//! watcher the monitor becomes once its container is created, whose RSS is reported), checks
 //! the preconditions and runs it.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +29,18 @@ pub fn run() -> anyhow::Result<()> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(&cargo)
-        .args(["build", "--release", "-p", "keel", "--bin", "keel"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "keel",
+            "--bin",
+            "keel",
+            "-p",
+            "keel-runtime",
+            "--bin",
+            "keel-monitor",
+        ])
         .current_dir(&root)
         .status()?;
     if !st.success() {

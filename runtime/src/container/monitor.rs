@@ -11,7 +11,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,6 +34,22 @@ pub const MONITOR_ARG: &str = "__monitor";
 /// What the monitor says on its stdout when the container is created.
 pub const READY: &str = "ok";
 
+/// First argument of the watch loop's invocation: the monitor, once the container is created,
+/// re-executes itself as the small [`WATCHER_BIN`] (same pid, same children, same pipes) so the
+/// pages libcontainer and the large binary touched are not kept resident for the container's
+/// life.
+pub const WATCH_ARG: &str = "__watch";
+
+/// Version of the watch arguments. A watcher that gets another version (a stale binary next
+/// to a newer keel) hands the process back to the monitor's own executable, which runs the
+/// loop itself.
+pub const WATCH_PROTOCOL: &str = "1";
+
+/// The dedicated watcher binary (`runtime/src/bin/keel-monitor.rs`), looked up next to the
+/// monitor's executable (and, for cargo's test binaries in `deps/`, one directory up), or
+/// named by `KEEL_MONITOR_BIN`.
+pub const WATCHER_BIN: &str = "keel-monitor";
+
 /// If argv[1] names one of the hidden helper roles (monitor, exec), runs it and returns its
 /// exit code; otherwise `None`. Call first thing in `main` of any binary used as monitor.
 pub fn hidden_main() -> Option<i32> {
@@ -45,6 +61,7 @@ pub fn hidden_main() -> Option<i32> {
         .collect();
     match role {
         MONITOR_ARG => Some(main(&rest)),
+        WATCH_ARG => Some(watch_main(&rest)),
         super::container_exec::EXEC_ARG => Some(super::container_exec::helper_main(&rest)),
         crate::pod::keeper::KEEPER_ARG => Some(crate::pod::keeper::main(&rest)),
         _ => None,
@@ -89,6 +106,10 @@ pub fn main(args: &[String]) -> i32 {
         Ok(m) => {
             say(READY);
             detach_stdout();
+            // Returns only when there is no watcher to become.
+            if let Err(e) = m.exec_watcher() {
+                eprintln!("monitor {id}: watching in place: {e}");
+            }
             // Creating the container used memory the watch loop never needs again.
             // SAFETY: malloc_trim only releases free heap pages; no pointer is invalidated.
             unsafe {
@@ -103,6 +124,128 @@ pub fn main(args: &[String]) -> i32 {
             1
         }
     }
+}
+
+/// The watch loop's entry, in the process the monitor re-executed:
+/// `<protocol> <monitor exe> <containers dir> <run dir> <id> <init pid> <stdout fd> <stderr fd>`.
+pub fn watch_main(args: &[String]) -> i32 {
+    let [protocol, monitor_exe, containers, run, id, init, out, err] = args else {
+        eprintln!("usage: {WATCH_ARG} PROTOCOL MONITOR_EXE CONTAINERS_DIR RUN_DIR ID PID FD FD");
+        return 2;
+    };
+    if protocol != WATCH_PROTOCOL {
+        // Not our arguments: the monitor that spawned us knows them.
+        let e = exec(Path::new(monitor_exe), WATCH_ARG, args);
+        eprintln!("monitor {id}: watch protocol {protocol}, and exec {monitor_exe}: {e}");
+        return 1;
+    }
+    let paths = Paths {
+        containers: PathBuf::from(containers),
+        run: PathBuf::from(run),
+    };
+    let fd = |s: &str| -> Option<OwnedFd> {
+        let n: i32 = s.parse().ok()?;
+        // SAFETY: the monitor that exec'd this process passed these descriptors (its pipes'
+        // read ends, without close-on-exec) and nothing else in this process owns them.
+        (n > 2).then(|| unsafe { OwnedFd::from_raw_fd(n) })
+    };
+    let (Some(init), Some(out), Some(err)) =
+        (init.parse().ok().map(Pid::from_raw), fd(out), fd(err))
+    else {
+        eprintln!("monitor {id}: bad watch arguments {args:?}");
+        return 2;
+    };
+    match Monitor::resume(&paths, id, init, out, err) {
+        Ok(m) => {
+            release_startup_pages();
+            m.run();
+            0
+        }
+        Err(e) => {
+            eprintln!("monitor {id}: {e}");
+            1
+        }
+    }
+}
+
+/// Unmaps the file pages startup touched (loader, relocation, libc and std init, reading the
+/// record) from this process: read-only file mappings holding no private copy, so their
+/// content is the file's and the loop's few pages fault back in from the page cache. The
+/// pages stay in the page cache (shared with every other monitor); what shrinks is what
+/// this process keeps mapped, which is what its RSS counts. Then the heap is trimmed.
+fn release_startup_pages() {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return;
+    };
+    let mut candidate: Option<(usize, usize)> = None;
+    let mut ranges = Vec::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            let perms = fields.next().unwrap_or("");
+            let path = fields.nth(3).unwrap_or("");
+            candidate = (!perms.contains('w') && perms.ends_with('p') && path.starts_with('/'))
+                .then_some((lo, hi - lo));
+        } else if first == "Anonymous:"
+            && let Some(range) = candidate.take()
+            && fields.next() == Some("0")
+        {
+            ranges.push(range);
+        }
+    }
+    drop(smaps);
+    for (addr, len) in ranges {
+        // SAFETY: each range is a whole private, read-only, file-backed mapping of this
+        // process without anonymous (copied-on-write) pages: MADV_DONTNEED only drops its
+        // page table entries, and any later access reads the same bytes from the file again.
+        unsafe {
+            libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED);
+        }
+    }
+    // SAFETY: malloc_trim only releases free heap pages; no pointer is invalidated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// `exe <role> <args>` in place of this process; returns only on failure.
+fn exec(exe: &Path, role: &str, args: &[String]) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |b: &[u8]| std::ffi::CString::new(b).map_err(|e| e.to_string());
+    let argv: Result<Vec<std::ffi::CString>, String> =
+        [exe.as_os_str().as_bytes(), role.as_bytes()]
+            .into_iter()
+            .chain(args.iter().map(|a| a.as_bytes()))
+            .map(cstr)
+            .collect();
+    match argv {
+        // Not Command::exec: it would unblock the signals the watch loop reads from its
+        // signalfd, and a SIGTERM in the gap would kill the monitor.
+        Ok(argv) => match nix::unistd::execv(&argv[0], &argv) {
+            Err(e) => e.to_string(),
+            Ok(never) => match never {},
+        },
+        Err(e) => e,
+    }
+}
+
+/// Where the watcher binary is, if anywhere.
+fn watcher_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KEEL_MONITOR_BIN") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let me = std::fs::read_link("/proc/self/exe").ok()?;
+    let dir = me.parent()?;
+    let mut candidates = vec![dir.join(WATCHER_BIN)];
+    if dir.file_name().is_some_and(|n| n == "deps")
+        && let Some(up) = dir.parent()
+    {
+        candidates.push(up.join(WATCHER_BIN));
+    }
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 fn say(msg: &str) {
@@ -160,6 +303,28 @@ fn drain(fd: &OwnedFd) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Blocks the signals the watch loop handles and returns the signalfd that reads them.
+/// The mask survives exec, so the watcher's call only renews the descriptor.
+fn signals() -> Result<SignalFd, String> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGUSR1,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()
+        .map_err(|e| format!("block signals: {e}"))?;
+    // SAFETY: setting SIG_IGN installs no handler code; the process is single-threaded.
+    let _ =
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) };
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| format!("signalfd: {e}"))
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
@@ -203,24 +368,7 @@ impl Monitor {
             .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
 
         // Block the signals we handle only now: the container must not inherit the mask.
-        let mut mask = SigSet::empty();
-        for s in [
-            Signal::SIGCHLD,
-            Signal::SIGUSR1,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-        ] {
-            mask.add(s);
-        }
-        mask.thread_block()
-            .map_err(|e| format!("block signals: {e}"))?;
-        // SAFETY: setting SIG_IGN installs no handler code; the process is single-threaded.
-        let _ = unsafe {
-            nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn)
-        };
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(|e| format!("signalfd: {e}"))?;
+        let signals = signals()?;
 
         let state = RunState {
             monitor: ProcessId::of(std::process::id() as i32).ok(),
@@ -237,6 +385,68 @@ impl Monitor {
             signals,
             log: Some(log),
         })
+    }
+
+    /// The monitor again after it re-executed itself as the watcher: the container exists,
+    /// its run state is written, `init` is our child and `stdout`/`stderr` its pipes.
+    fn resume(
+        paths: &Paths,
+        id: &str,
+        init: Pid,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<Monitor, String> {
+        let record: ContainerRecord = read_json(&paths.record(id))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("container {id}: no record"))?;
+        let log = CriLogWriter::open(&record.log_path)
+            .map_err(|e| format!("open log {}: {e}", record.log_path.display()))?;
+        Ok(Monitor {
+            paths: paths.clone(),
+            record,
+            init,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            signals: signals()?,
+            log: Some(log),
+        })
+    }
+
+    /// Becomes the watcher binary, handing it the init and the pipes. Returns only when there
+    /// is none or the exec failed; the monitor then watches in place.
+    fn exec_watcher(&self) -> Result<(), String> {
+        let Some(watcher) = watcher_path() else {
+            return Ok(());
+        };
+        let (Some(out), Some(err)) = (&self.stdout, &self.stderr) else {
+            return Ok(());
+        };
+        for fd in [out, err] {
+            nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(|e| format!("clear close-on-exec: {e}"))?;
+        }
+        let me = std::fs::read_link("/proc/self/exe").map_err(|e| format!("own exe: {e}"))?;
+        let args = [
+            WATCH_PROTOCOL.to_string(),
+            me.to_string_lossy().into_owned(),
+            self.paths.containers.to_string_lossy().into_owned(),
+            self.paths.run.to_string_lossy().into_owned(),
+            self.record.id.clone(),
+            self.init.as_raw().to_string(),
+            out.as_raw_fd().to_string(),
+            err.as_raw_fd().to_string(),
+        ];
+        let e = exec(&watcher, WATCH_ARG, &args);
+        for fd in [out, err] {
+            let _ = nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+        }
+        Err(format!("exec {}: {e}", watcher.display()))
     }
 
     fn write_log(&mut self, stream: Stream, data: &[u8]) {
