@@ -90,6 +90,10 @@ pub fn set_rv(v: &mut Value, rev: i64) {
 }
 
 fn encode(obj: &Value) -> Bytes {
+    // Creates never carry a resourceVersion: serialize as is rather than copy the whole object.
+    if obj.pointer("/metadata/resourceVersion").is_none() {
+        return Bytes::from(serde_json::to_vec(obj).unwrap_or_default());
+    }
     let mut o = obj.clone();
     if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("resourceVersion");
