@@ -1,12 +1,14 @@
 //! The per-container monitor: the keel binary re-executed as `keel __monitor <containers>
 //! <run> <id>`. It detaches (fork, setsid), becomes the child subreaper, creates the container
 //! with libcontainer with its stdio on pipes it owns, and tells the spawner "ok" or the error
-//! on its stdout. Then it copies the container's output into the CRI log (SIGUSR1 reopens
+//! on its stdout. Then it execs the small `keel-monitor` watcher ([`WATCHER_BIN`]; in place
+//! when there is none), which copies the container's output into the CRI log (SIGUSR1 reopens
 //! the file after rotation), reaps the init and whatever is reparented to it, and writes
 //! `exit.json` (exit code, signal, OOM kill, finish time) atomically before exiting.
 //!
 //! It outlives the daemon and the CLI that spawned it. It must stay small: no async runtime,
-//! no threads, one poll loop over two pipes and a signalfd.
+//! no threads, one poll loop over two pipes and a signalfd; the exec leaves behind the pages
+//! the large binary and libcontainer touched (idle RSS ~0.8 MiB instead of ~6-7 MiB).
 
 use std::ffi::OsString;
 use std::fs::File;
