@@ -50,7 +50,8 @@ enum Command {
     Cni(cli::cni::CniArgs),
     /// Serve the Kubernetes CRI (RuntimeService, ImageService) on a unix socket.
     Cri(cli::cri::CriArgs),
-    /// Run the control plane: the Kubernetes-compatible API server on redb or etcd, and the scheduler.
+    /// Run the control plane: the Kubernetes-compatible API server on redb or etcd, the scheduler
+    /// and the controllers.
     Server(cli::server::ServerArgs),
     /// Run the scheduler alone against an API server (keel server runs it in-process).
     Scheduler(cli::scheduler::SchedulerArgs),

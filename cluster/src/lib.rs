@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod client;
+pub mod controllers;
 pub mod scheduler;
 pub mod store;
 

@@ -1,6 +1,6 @@
 //! `keel server`: the control plane. Parses flags into a `keel_cluster::api::ApiConfig`, opens the
-//! store (redb in the data dir, or etcd), starts the API server and the scheduler (a client of
-//! that server through the admin kubeconfig), prints the kubeconfig path and serves until
+//! store (redb in the data dir, or etcd), starts the API server, the scheduler and the controllers
+//! (clients of that server through the admin kubeconfig), prints the kubeconfig path and serves until
 //! SIGTERM or SIGINT. The work is in keel-cluster.
 
 use std::io::Write;
@@ -50,6 +50,9 @@ pub struct ServerArgs {
     /// Do not run the scheduler in this process (run `keel scheduler` elsewhere, or none).
     #[arg(long)]
     pub disable_scheduler: bool,
+    /// Do not run the controllers (Deployment, ReplicaSet, EndpointSlice) in this process.
+    #[arg(long)]
+    pub disable_controllers: bool,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
@@ -116,6 +119,20 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 SchedulerConfig::default(),
             )))
         };
+        let controllers = if args.disable_controllers {
+            None
+        } else {
+            let client = keel_cluster::client::from_kubeconfig(&server.kubeconfig)
+                .await
+                .context("controllers client")?;
+            Some(tokio::spawn(keel_cluster::controllers::run(client)))
+        };
+        let controllers_done = async {
+            match controllers {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         let scheduler_done = async {
             match scheduler {
                 Some(task) => task.await,
@@ -130,6 +147,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             _ = int.recv() => tracing::info!("SIGINT"),
             _ = server.wait() => bail!("API server stopped"),
             r = scheduler_done => bail!("scheduler stopped: {r:?}"),
+            r = controllers_done => bail!("controllers stopped: {r:?}"),
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -214,7 +214,12 @@ async fn bench_server(keel: &Path, etcd: Option<&str>, pods: &[Value]) -> anyhow
         let d = dir.path().to_path_buf();
         let e = etcd.map(str::to_string);
         tokio::task::spawn_blocking(move || {
-            start_server(&keel, &d, e.as_deref(), &["--disable-scheduler"])
+            start_server(
+                &keel,
+                &d,
+                e.as_deref(),
+                &["--disable-scheduler", "--disable-controllers"],
+            )
         })
         .await??
     };

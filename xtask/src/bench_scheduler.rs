@@ -1,6 +1,8 @@
 //! `cargo xtask bench scheduler`: keel's scheduler (`keel scheduler`, release build) against
-//! `keel server --no-node --disable-scheduler` on redb, with 1,000 simulated nodes (Node objects
-//! whose Leases are renewed every 10 s, no agents) and 10,000 pods.
+//! `keel server --no-node --disable-scheduler --disable-controllers` on redb, with 1,000 simulated
+//! nodes (Node objects whose Leases are renewed every 10 s, no agents) and 10,000 pods. Pods have
+//! a controller owner of a kind the server does not serve (so the scheduler spreads sets of 100
+//! replicas while the garbage collector, which only follows served kinds, leaves them alone).
 //!
 //! 1. Batch: 10,000 pending pods exist, then the scheduler starts; pods bound per second from
 //!    its first binding to its last (and from its start, initial lists included).
@@ -62,8 +64,8 @@ fn pod(name: &str, owner: usize) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": "bench"},
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                        "name": format!("rs-{owner}"), "uid": format!("rs-uid-{owner}"),
+                     "ownerReferences": [{"apiVersion": "bench.keel.dev/v1", "kind": "BenchSet",
+                        "name": format!("set-{owner}"), "uid": format!("set-uid-{owner}"),
                         "controller": true}]},
         "spec": {"containers": [{
             "name": "app", "image": "registry.example/bench/app:1.0",
@@ -200,8 +202,15 @@ async fn bench(keel: &Path) -> anyhow::Result<()> {
         .tempdir()?;
     let (server, kubeconfig): (Server, _) = {
         let (k, d) = (keel.to_path_buf(), dir.path().to_path_buf());
-        tokio::task::spawn_blocking(move || start_server(&k, &d, None, &["--disable-scheduler"]))
-            .await??
+        tokio::task::spawn_blocking(move || {
+            start_server(
+                &k,
+                &d,
+                None,
+                &["--disable-scheduler", "--disable-controllers"],
+            )
+        })
+        .await??
     };
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;

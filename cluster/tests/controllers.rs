@@ -1,0 +1,312 @@
+//! The controllers against keel's API server (redb): a Deployment makes a ReplicaSet that makes
+//! pods; scaling; a rolling update that never drops below replicas - maxUnavailable available
+//! pods; a Service's EndpointSlice follows pod readiness and deletion. No node agent exists in
+//! these tests, so the test plays kubelet's part: it writes each pod's status (IP, Ready) and
+//! finishes graceful deletes; the scheduler binds the pods to one Node object.
+
+mod api_support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use api_support::TestServer;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// Plays kubelet: every live pod of the namespace gets an IP and, when `ready`, Ready=True.
+async fn kubelet(pods: &Api<Pod>, ready: impl Fn(&Pod) -> bool) {
+    let list = pods.list(&ListParams::default()).await.unwrap();
+    for p in list.items {
+        let name = p.metadata.name.clone().unwrap();
+        let has = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let want = ready(&p);
+        if has == want && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some() {
+            continue;
+        }
+        let ip = format!(
+            "10.244.0.{}",
+            2 + (name.bytes().map(u32::from).sum::<u32>() % 250)
+        );
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": if want { "True" } else { "False" },
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        let _ = pods
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await;
+    }
+}
+
+fn image_of(p: &Pod) -> String {
+    p.spec.as_ref().unwrap().containers[0]
+        .image
+        .clone()
+        .unwrap_or_default()
+}
+
+fn live(pods: &[Pod]) -> Vec<&Pod> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Deletes pods that are being deleted (the node's part of a graceful delete).
+async fn finish_deletes(pods: &Api<Pod>) {
+    for p in pods.list(&ListParams::default()).await.unwrap().items {
+        if p.metadata.deletion_timestamp.is_some() {
+            let _ = pods
+                .delete(
+                    p.metadata.name.as_deref().unwrap(),
+                    &DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_rolls_out_scales_and_endpoints_follow() {
+    let s = TestServer::redb().await;
+    let client = s.client().await;
+    let controllers = tokio::spawn(keel_cluster::controllers::run(client.clone()));
+    // One node and the scheduler, so pods are bound and deletes are graceful, as in a cluster.
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "metadata": {"name": "n1"},
+        "status": {"allocatable": {"cpu": "8", "memory": "8Gi", "pods": "110"},
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+    let scheduler = tokio::spawn(keel_cluster::scheduler::run(
+        client.clone(),
+        Default::default(),
+    ));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+
+    let deployment = |image: &str, replicas: i32| -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web"},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                     "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "c", "image": image,
+                                      "ports": [{"name": "http", "containerPort": 8080}]}]}}}
+        }))
+        .unwrap()
+    };
+    deployments
+        .create(&PostParams::default(), &deployment("busybox:1", 3))
+        .await
+        .unwrap();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &svc).await.unwrap();
+
+    // Three pods from one ReplicaSet; once ready, the Deployment is available and the slice
+    // holds three ready endpoints on the named port.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        kubelet(&pods, |_| true).await;
+        let d = deployments.get("web").await.unwrap();
+        let st = d.status.clone().unwrap_or_default();
+        let slice = slices.get_opt("web-keel").await.unwrap();
+        let ready_eps = slice
+            .as_ref()
+            .and_then(|s| s.endpoints.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+            .count();
+        if st.available_replicas == Some(3) && st.updated_replicas == Some(3) && ready_eps == 3 {
+            let port = slice.unwrap().ports.unwrap()[0].port;
+            assert_eq!(port, Some(8080), "named targetPort resolved");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first rollout: {st:?}, {ready_eps} ready endpoints"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rs_list = rss.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(rs_list.len(), 1);
+    let first_rs = rs_list[0].metadata.name.clone().unwrap();
+    assert!(first_rs.starts_with("web-"), "{first_rs}");
+
+    // Rolling update with maxUnavailable 0: never fewer than 3 ready pods, never more than 4 live.
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"spec": {"containers": [
+                {"name": "c", "image": "busybox:2", "ports": [{"name": "http", "containerPort": 8080}]}]}}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = pods.list(&ListParams::default()).await.unwrap().items;
+        let l = live(&all);
+        let ready_now = l.iter().filter(|p| is_ready(p)).count();
+        assert!(l.len() <= 4, "surge exceeded: {} live pods", l.len());
+        assert!(ready_now >= 3, "availability dropped to {ready_now}");
+        let d = deployments.get("web").await.unwrap();
+        let st = d.status.clone().unwrap_or_default();
+        let done = l.len() == 3
+            && l.iter().all(|p| image_of(p) == "busybox:2")
+            && st.updated_replicas == Some(3)
+            && st.available_replicas == Some(3)
+            && st.replicas == Some(3)
+            && st.observed_generation == d.metadata.generation;
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollout stuck: {st:?}"
+        );
+        // New pods turn ready a moment after they appear; deleted pods finish.
+        kubelet(&pods, |_| true).await;
+        finish_deletes(&pods).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rs_list = rss.list(&ListParams::default()).await.unwrap().items;
+    let sizes: BTreeMap<String, i32> = rs_list
+        .iter()
+        .map(|r| {
+            (
+                r.metadata.name.clone().unwrap(),
+                r.spec.replicas.unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert_eq!(
+        sizes[&first_rs], 0,
+        "old ReplicaSet kept at zero: {sizes:?}"
+    );
+
+    // Scale to 5 then 1; a not-ready pod leaves the ready endpoints, a deleted one is terminating.
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        kubelet(&pods, |_| true).await;
+        finish_deletes(&pods).await;
+        let n = live(&pods.list(&ListParams::default()).await.unwrap().items).len();
+        let eps = slices
+            .get("web-keel")
+            .await
+            .unwrap()
+            .endpoints
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+            .count();
+        if n == 5 && eps == 5 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scale to 5: {n} pods, {eps} endpoints"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = pods.list(&ListParams::default()).await.unwrap().items;
+        let terminating = all
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .count();
+        let slice = slices.get("web-keel").await.unwrap();
+        let eps = slice.endpoints.unwrap_or_default();
+        let term_eps = eps
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.terminating) == Some(true))
+            .count();
+        if live(&all).len() == 1 && terminating >= 4 && term_eps == terminating {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scale to 1: {} live, {terminating} terminating, {term_eps} terminating endpoints",
+            live(&all).len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    finish_deletes(&pods).await;
+    let last = live(&pods.list(&ListParams::default()).await.unwrap().items)[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    kubelet(&pods, |_| false).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let eps = slices
+            .get("web-keel")
+            .await
+            .unwrap()
+            .endpoints
+            .unwrap_or_default();
+        let names: Vec<String> = eps
+            .iter()
+            .filter_map(|e| e.target_ref.as_ref()?.name.clone())
+            .collect();
+        let ready: Vec<Option<bool>> = eps
+            .iter()
+            .map(|e| e.conditions.as_ref().and_then(|c| c.ready))
+            .collect();
+        if names == [last.clone()] && ready == [Some(false)] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready endpoint: {names:?} {ready:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    controllers.abort();
+    scheduler.abort();
+}
