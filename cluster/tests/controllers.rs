@@ -84,7 +84,10 @@ async fn finish_deletes(pods: &Api<Pod>) {
 async fn deployment_rolls_out_scales_and_endpoints_follow() {
     let s = TestServer::redb().await;
     let client = s.client().await;
-    let controllers = tokio::spawn(keel_cluster::controllers::run(client.clone()));
+    let controllers = tokio::spawn(keel_cluster::controllers::run(
+        client.clone(),
+        Default::default(),
+    ));
     // One node and the scheduler, so pods are bound and deletes are graceful, as in a cluster.
     let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
         "metadata": {"name": "n1"},
@@ -309,4 +312,127 @@ async fn deployment_rolls_out_scales_and_endpoints_follow() {
     }
     controllers.abort();
     scheduler.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_turns_unreachable_and_its_pods_are_evicted() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Node;
+    use keel_cluster::controllers::nodelifecycle::{NodeLifecycleConfig, UNREACHABLE};
+
+    let s = TestServer::redb().await;
+    let client = s.client().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams::default();
+    for name in ["alive", "silent"] {
+        let n: Node = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"allocatable": {"cpu": "4", "memory": "4Gi", "pods": "110"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        nodes.create(&pp, &n).await.unwrap();
+    }
+    // "alive" heartbeats through its Lease; "silent" never does.
+    let beat = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = k8s_openapi::jiff::Timestamp::now().to_string();
+                let l = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": "alive"}, "spec": {"holderIdentity": "alive", "renewTime": now}});
+                let lease: Lease = serde_json::from_value(l.clone()).unwrap();
+                if leases.create(&PostParams::default(), &lease).await.is_err() {
+                    let _ = leases
+                        .patch("alive", &PatchParams::default(), &Patch::Merge(&l))
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    for (name, node, tolerations) in [
+        ("on-silent", "silent", json!([])),
+        (
+            "stays",
+            "silent",
+            json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute"}]),
+        ),
+        ("on-alive", "alive", json!([])),
+    ] {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node, "tolerations": tolerations,
+                     "containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap();
+        pods.create(&pp, &p).await.unwrap();
+    }
+    let config = NodeLifecycleConfig {
+        grace: Duration::from_secs(2),
+        eviction: Duration::from_secs(2),
+        interval: Duration::from_millis(250),
+    };
+    let controllers = tokio::spawn(keel_cluster::controllers::run(client.clone(), config));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let silent = nodes.get("silent").await.unwrap();
+        let ready = silent
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.clone());
+        let tainted = silent
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| {
+                t.iter()
+                    .any(|t| t.key == UNREACHABLE && t.effect == "NoExecute")
+            });
+        let evicted = pods
+            .get("on-silent")
+            .await
+            .map(|p| p.metadata.deletion_timestamp.is_some())
+            .unwrap_or(true);
+        if ready.as_deref() == Some("Unknown") && tainted && evicted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "silent node: Ready={ready:?} tainted={tainted} evicted={evicted}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The tolerating pod and the pod on the heartbeating node stay; that node stays Ready.
+    assert!(
+        pods.get("stays")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_none()
+    );
+    assert!(
+        pods.get("on-alive")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_none()
+    );
+    let alive = nodes.get("alive").await.unwrap();
+    assert!(
+        alive
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_none_or(|t| t.is_empty())
+    );
+    controllers.abort();
+    beat.abort();
 }

@@ -50,9 +50,18 @@ pub struct ServerArgs {
     /// Do not run the scheduler in this process (run `keel scheduler` elsewhere, or none).
     #[arg(long)]
     pub disable_scheduler: bool,
-    /// Do not run the controllers (Deployment, ReplicaSet, EndpointSlice) in this process.
+    /// Do not run the controllers (Deployment, ReplicaSet, EndpointSlice, node lifecycle) in
+    /// this process.
     #[arg(long)]
     pub disable_controllers: bool,
+    /// Seconds without a heartbeat (the node's Lease) before a node is unreachable: Ready
+    /// turns Unknown and it gets the node.kubernetes.io/unreachable:NoExecute taint.
+    #[arg(long, value_name = "SECONDS", default_value_t = 40)]
+    pub node_grace_period: u64,
+    /// Seconds pods without a toleration of their own stay on an unreachable node before they are
+    /// evicted (and replaced elsewhere by their controller).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub pod_eviction_timeout: u64,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
@@ -67,9 +76,16 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
     let node_ports = parse_range(&args.node_port_range).context("--node-port-range")?;
-    if args.compact_interval == 0 || args.bookmark_interval == 0 {
-        bail!("--compact-interval and --bookmark-interval must be at least 1 second");
+    if args.compact_interval == 0 || args.bookmark_interval == 0 || args.node_grace_period == 0 {
+        bail!(
+            "--compact-interval, --bookmark-interval and --node-grace-period must be at least 1 second"
+        );
     }
+    let node_lifecycle = keel_cluster::controllers::nodelifecycle::NodeLifecycleConfig {
+        grace: Duration::from_secs(args.node_grace_period),
+        eviction: Duration::from_secs(args.pod_eviction_timeout),
+        interval: Duration::from_secs(args.node_grace_period.clamp(1, 5)),
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
     let store_config = if args.etcd_endpoints.is_empty() {
@@ -125,7 +141,10 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             let client = keel_cluster::client::from_kubeconfig(&server.kubeconfig)
                 .await
                 .context("controllers client")?;
-            Some(tokio::spawn(keel_cluster::controllers::run(client)))
+            Some(tokio::spawn(keel_cluster::controllers::run(
+                client,
+                node_lifecycle,
+            )))
         };
         let controllers_done = async {
             match controllers {

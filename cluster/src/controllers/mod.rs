@@ -8,13 +8,15 @@
 //! | `replicaset.rs` | ReplicaSet -> Pods (owner references, scale up/down, status) |
 //! | `deployment.rs` | Deployment -> ReplicaSets (pod-template-hash, rolling update with maxSurge/maxUnavailable, Recreate, revisions, history limit, status and conditions) |
 //! | `endpointslice.rs` | Service -> EndpointSlice (ready/serving/terminating from pods, named target ports) |
+//! | `nodelifecycle.rs` | heartbeats -> Ready=Unknown and the unreachable taint; eviction after the toleration |
 //!
 //! Reconcilers read the children through the API (a list with the owner's selector): simple
-//! and always current, at the cost of one list per reconcile. Not here yet: node lifecycle,
-//! namespace deletion and ownerReference garbage collection live in the API server's `gc.rs`.
+//! and always current, at the cost of one list per reconcile. Namespace deletion and
+//! ownerReference garbage collection live in the API server's `gc.rs`.
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod nodelifecycle;
 pub mod replicaset;
 
 use std::collections::BTreeMap;
@@ -99,12 +101,13 @@ pub fn controlled_by(owners: Option<&Vec<OwnerReference>>, uid: &str) -> bool {
 }
 
 /// Runs every controller until one stops.
-pub async fn run(client: kube::Client) {
+pub async fn run(client: kube::Client, nodes: nodelifecycle::NodeLifecycleConfig) {
     let ctx = Arc::new(client);
     tokio::select! {
         _ = replicaset::run(ctx.clone()) => tracing::error!("replicaset controller stopped"),
         _ = deployment::run(ctx.clone()) => tracing::error!("deployment controller stopped"),
         _ = endpointslice::run(ctx.clone()) => tracing::error!("endpointslice controller stopped"),
+        _ = nodelifecycle::run(ctx.clone(), nodes) => tracing::error!("node lifecycle stopped"),
     }
 }
 
