@@ -201,26 +201,12 @@ async fn pass(client: &kube::Client, config: &NodeLifecycleConfig) -> Result<(),
                         effect: "NoExecute".into(),
                         time_added: Some(Time(now)),
                     });
-                    nodes
-                        .patch(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})),
-                        )
-                        .await
-                        .map_err(api_err(format!("taint node {name}")))?;
+                    set_taints(&nodes, &name, &taints).await?;
                 }
             }
             Verdict::Recovered => {
                 taints.retain(|t| !(t.key == UNREACHABLE && t.effect == "NoExecute"));
-                nodes
-                    .patch(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})),
-                    )
-                    .await
-                    .map_err(api_err(format!("untaint node {name}")))?;
+                set_taints(&nodes, &name, &taints).await?;
             }
             Verdict::Fine => {}
         }
@@ -254,6 +240,22 @@ async fn pass(client: &kube::Client, config: &NodeLifecycleConfig) -> Result<(),
         }
     }
     Ok(())
+}
+
+async fn set_taints(
+    nodes: &Api<Node>,
+    name: &str,
+    taints: &[Taint],
+) -> Result<(), ControllerError> {
+    nodes
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})),
+        )
+        .await
+        .map(|_| ())
+        .map_err(api_err(format!("set the taints of node {name}")))
 }
 
 /// Runs node lifecycle passes forever.
