@@ -144,7 +144,18 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 
 fn run_main_job(root: &Path) -> anyhow::Result<()> {
     setup::run()?;
-    cargo(&["build", "--release", "-p", "keel", "-p", "keel-cni"])?;
+    // keel-monitor (runtime's small watcher binary) must sit beside keel for the ~1 MiB monitor.
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "keel",
+        "-p",
+        "keel-cni",
+        "-p",
+        "keel-runtime",
+        "--bins",
+    ])?;
     let keel = workspace_root().join("target/release/keel");
     let socket = "/run/keel/keel.sock";
     println!(
