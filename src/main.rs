@@ -57,6 +57,8 @@ enum Command {
     Scheduler(cli::scheduler::SchedulerArgs),
     /// eBPF service proxy (kube-proxy replacement): run it, `ls`, `uninstall`.
     Proxy(cli::proxy::ProxyArgs),
+    /// Run the node agent: register the Node, heartbeat, run its pods through a CRI endpoint.
+    Agent(cli::agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
             Command::Server(args) => cli::server::run(args),
             Command::Scheduler(args) => cli::scheduler::run(args),
             Command::Proxy(args) => cli::proxy::run(args),
+            Command::Agent(args) => cli::agent::run(args),
         }
     })();
     match result {

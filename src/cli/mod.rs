@@ -1,3 +1,4 @@
+pub mod agent;
 pub mod cni;
 pub mod cri;
 pub mod ctr;

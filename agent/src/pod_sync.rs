@@ -1,0 +1,483 @@
+//! The pods bound to this node: a kube-rs watcher (fieldSelector `spec.nodeName=<node>`) feeds
+//! a reflector store; a sync pass (on every watch event, and every `sync_interval` to see
+//! container exits) reconciles each pod to the CRI and writes its status, finishes the
+//! deletes the API server left to the node, and tears down sandboxes whose pod is gone.
+//!
+//! Nothing about sandboxes or containers is cached: each pass lists them from the CRI and
+//! links them to pods by the pod uid label, so a restarted agent adopts what it finds. The
+//! only memory is the last status written per pod (to skip unchanged writes).
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::jiff::Timestamp;
+use keel_cri::api;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::pod_spec::{self, DnsSettings, LABEL_CONTAINER_NAME, LABEL_POD_UID};
+use crate::pod_status::{self, Observed, SandboxView};
+use crate::{AgentConfig, AgentError, Cri, api_err, cri_err};
+
+/// Runs the watcher and the sync loop; returns only if the watcher stream ends.
+pub(crate) async fn run(
+    client: kube::Client,
+    cri: Cri,
+    config: AgentConfig,
+    node_ip: IpAddr,
+) -> Result<(), AgentError> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let notify = Arc::new(Notify::new());
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
+    let stream = watcher(pods, wc).default_backoff().reflect(writer);
+    let events = notify.clone();
+    let watch = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::warn!("pod watch: {e}");
+            }
+            events.notify_one();
+        }
+    });
+    // Orphan teardown must not run before the first list: it would see no pods at all.
+    let _ = reader.wait_until_ready().await;
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut syncer = Syncer {
+        client,
+        cri,
+        dns: DnsSettings {
+            cluster_dns: config.cluster_dns,
+            cluster_domain: config.cluster_domain.clone(),
+            host: pod_spec::parse_resolv_conf(&host),
+        },
+        config,
+        host_ip: node_ip.to_string(),
+        written: HashMap::new(),
+    };
+    loop {
+        if watch.is_finished() {
+            return Ok(());
+        }
+        if let Err(e) = syncer.sync_all(&reader).await {
+            tracing::warn!("pod sync: {e}");
+        }
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(syncer.config.sync_interval) => {}
+        }
+    }
+}
+
+struct Syncer {
+    client: kube::Client,
+    cri: Cri,
+    config: AgentConfig,
+    dns: DnsSettings,
+    host_ip: String,
+    /// The last status written, by pod uid.
+    written: HashMap<String, PodStatus>,
+}
+
+fn uid_of(labels: &HashMap<String, String>) -> Option<&str> {
+    labels.get(LABEL_POD_UID).map(String::as_str)
+}
+
+impl Syncer {
+    async fn sync_all(&mut self, store: &Store<Pod>) -> Result<(), AgentError> {
+        let pods = store.state();
+        let sandboxes = self
+            .cri
+            .runtime
+            .list_pod_sandbox(api::ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(cri_err("ListPodSandbox"))?
+            .into_inner()
+            .items;
+        let containers = self
+            .cri
+            .runtime
+            .list_containers(api::ListContainersRequest { filter: None })
+            .await
+            .map_err(cri_err("ListContainers"))?
+            .into_inner()
+            .containers;
+        let mut by_uid: HashMap<String, (Vec<api::PodSandbox>, Vec<api::Container>)> =
+            HashMap::new();
+        for s in sandboxes {
+            if let Some(uid) = uid_of(&s.labels) {
+                by_uid.entry(uid.to_owned()).or_default().0.push(s);
+            }
+        }
+        for c in containers {
+            if let Some(uid) = uid_of(&c.labels) {
+                by_uid.entry(uid.to_owned()).or_default().1.push(c);
+            }
+        }
+        let mut known = HashSet::new();
+        for pod in pods.iter() {
+            let k = pod_spec::key(pod);
+            known.insert(k.uid.clone());
+            let (sbs, ctrs) = by_uid.remove(&k.uid).unwrap_or_default();
+            let result = if pod.metadata.deletion_timestamp.is_some() {
+                self.finish_delete(pod, &sbs, &ctrs).await
+            } else {
+                self.sync_pod(pod, &sbs, &ctrs).await
+            };
+            if let Err(e) = result {
+                tracing::warn!(pod = %format!("{}/{}", k.namespace, k.name), "{e}");
+            }
+        }
+        // Sandboxes of pods the API no longer has.
+        for (uid, (sbs, ctrs)) in by_uid {
+            tracing::info!(
+                uid,
+                "tearing down the sandbox of a pod the API no longer has"
+            );
+            if let Err(e) = self.teardown(&sbs, &ctrs, 0).await {
+                tracing::warn!(uid, "{e}");
+            }
+        }
+        self.written.retain(|uid, _| known.contains(uid));
+        Ok(())
+    }
+
+    /// Stops the containers (each with `grace` seconds), then stops and removes the sandboxes.
+    async fn teardown(
+        &mut self,
+        sbs: &[api::PodSandbox],
+        ctrs: &[api::Container],
+        grace: i64,
+    ) -> Result<(), AgentError> {
+        let stops = ctrs
+            .iter()
+            .filter(|c| c.state == api::ContainerState::ContainerRunning as i32)
+            .map(|c| {
+                let mut rt = self.cri.runtime.clone();
+                let id = c.id.clone();
+                async move {
+                    rt.stop_container(api::StopContainerRequest {
+                        container_id: id,
+                        timeout: grace,
+                    })
+                    .await
+                }
+            });
+        for r in futures::future::join_all(stops).await {
+            r.map_err(cri_err("StopContainer"))?;
+        }
+        for s in sbs {
+            self.cri
+                .runtime
+                .stop_pod_sandbox(api::StopPodSandboxRequest {
+                    pod_sandbox_id: s.id.clone(),
+                })
+                .await
+                .map_err(cri_err("StopPodSandbox"))?;
+            self.cri
+                .runtime
+                .remove_pod_sandbox(api::RemovePodSandboxRequest {
+                    pod_sandbox_id: s.id.clone(),
+                })
+                .await
+                .map_err(cri_err("RemovePodSandbox"))?;
+        }
+        Ok(())
+    }
+
+    /// The API server marked the pod deleted and left it to the node: stop it within its
+    /// grace period, remove the sandbox, then delete the object for good (grace 0).
+    async fn finish_delete(
+        &mut self,
+        pod: &Pod,
+        sbs: &[api::PodSandbox],
+        ctrs: &[api::Container],
+    ) -> Result<(), AgentError> {
+        let k = pod_spec::key(pod);
+        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
+        self.teardown(sbs, ctrs, grace).await?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &k.namespace);
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(k.uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match pods.delete(&k.name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(api_err(format!("delete pod {}/{}", k.namespace, k.name))(e)),
+        }
+    }
+
+    async fn ensure_image(&mut self, image: &str, policy: Option<&str>) -> Result<(), AgentError> {
+        let spec = api::ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        };
+        let tag_latest = {
+            let last = image.rsplit('/').next().unwrap_or(image);
+            !last.contains(':') && !image.contains('@') || last.ends_with(":latest")
+        };
+        let policy = policy.unwrap_or(if tag_latest { "Always" } else { "IfNotPresent" });
+        if policy != "Always" {
+            let present = self
+                .cri
+                .image
+                .image_status(api::ImageStatusRequest {
+                    image: Some(spec.clone()),
+                    verbose: false,
+                })
+                .await
+                .map_err(cri_err("ImageStatus"))?
+                .into_inner()
+                .image
+                .is_some();
+            if present {
+                return Ok(());
+            }
+            if policy == "Never" {
+                return Err(AgentError::PodSpec {
+                    pod: image.to_owned(),
+                    reason: "image not present and imagePullPolicy is Never".into(),
+                });
+            }
+        }
+        self.cri
+            .image
+            .pull_image(api::PullImageRequest {
+                image: Some(spec),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .map_err(cri_err("PullImage"))?;
+        Ok(())
+    }
+
+    async fn container_status(&mut self, id: &str) -> Result<api::ContainerStatus, AgentError> {
+        self.cri
+            .runtime
+            .container_status(api::ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: false,
+            })
+            .await
+            .map_err(cri_err("ContainerStatus"))?
+            .into_inner()
+            .status
+            .ok_or(AgentError::Cri {
+                call: "ContainerStatus",
+                status: keel_cri::tonic::Status::internal("no status in the answer"),
+            })
+    }
+
+    /// Creates and starts restart number `attempt` of container `c`.
+    async fn start_container(
+        &mut self,
+        pod: &Pod,
+        sandbox_id: &str,
+        sandbox_config: &api::PodSandboxConfig,
+        c: &k8s_openapi::api::core::v1::Container,
+        attempt: u32,
+    ) -> Result<String, AgentError> {
+        self.ensure_image(
+            c.image.as_deref().unwrap_or_default(),
+            c.image_pull_policy.as_deref(),
+        )
+        .await?;
+        let config = pod_spec::container_config(pod, c, attempt)?;
+        let id = self
+            .cri
+            .runtime
+            .create_container(api::CreateContainerRequest {
+                pod_sandbox_id: sandbox_id.to_owned(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .map_err(cri_err("CreateContainer"))?
+            .into_inner()
+            .container_id;
+        self.cri
+            .runtime
+            .start_container(api::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .map_err(cri_err("StartContainer"))?;
+        Ok(id)
+    }
+
+    async fn sync_pod(
+        &mut self,
+        pod: &Pod,
+        sbs: &[api::PodSandbox],
+        ctrs: &[api::Container],
+    ) -> Result<(), AgentError> {
+        let k = pod_spec::key(pod);
+        let spec = pod.spec.clone().unwrap_or_default();
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
+        let sandbox_config = pod_spec::sandbox_config(pod, &self.config.pod_log_dir, &self.dns);
+        let ready = sbs
+            .iter()
+            .find(|s| s.state == api::PodSandboxState::SandboxReady as i32);
+        let terminal = self
+            .written
+            .get(&k.uid)
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed");
+        let sandbox_id = match ready {
+            Some(s) => Some(s.id.clone()),
+            None if terminal => None,
+            None => {
+                // A sandbox that died (or was stopped) is replaced, with all its containers.
+                self.teardown(sbs, ctrs, 0).await?;
+                let id = self
+                    .cri
+                    .runtime
+                    .run_pod_sandbox(api::RunPodSandboxRequest {
+                        config: Some(sandbox_config.clone()),
+                        runtime_handler: String::new(),
+                    })
+                    .await
+                    .map_err(cri_err("RunPodSandbox"))?
+                    .into_inner()
+                    .pod_sandbox_id;
+                tracing::info!(pod = %format!("{}/{}", k.namespace, k.name), sandbox = %id, "sandbox running");
+                Some(id)
+            }
+        };
+        let mut sandbox_view = None;
+        let mut observed: HashMap<String, Observed> = HashMap::new();
+        if let Some(sid) = &sandbox_id {
+            let st = self
+                .cri
+                .runtime
+                .pod_sandbox_status(api::PodSandboxStatusRequest {
+                    pod_sandbox_id: sid.clone(),
+                    verbose: false,
+                })
+                .await
+                .map_err(cri_err("PodSandboxStatus"))?
+                .into_inner()
+                .status
+                .unwrap_or_default();
+            let net = st.network.unwrap_or_default();
+            let mut ips: Vec<String> = Vec::new();
+            if !net.ip.is_empty() {
+                ips.push(net.ip);
+            }
+            ips.extend(net.additional_ips.into_iter().map(|ip| ip.ip));
+            sandbox_view = Some(SandboxView { ips });
+            for c in &spec.containers {
+                let mut mine: Vec<&api::Container> = ctrs
+                    .iter()
+                    .filter(|x| {
+                        x.pod_sandbox_id == *sid
+                            && x.labels.get(LABEL_CONTAINER_NAME) == Some(&c.name)
+                    })
+                    .collect();
+                mine.sort_by_key(|x| x.metadata.as_ref().map_or(0, |m| m.attempt));
+                let o = match mine.last() {
+                    None => {
+                        let id = self
+                            .start_container(pod, sid, &sandbox_config, c, 0)
+                            .await?;
+                        Observed {
+                            status: self.container_status(&id).await?,
+                            restart_count: 0,
+                            backing_off: false,
+                        }
+                    }
+                    Some(newest) => {
+                        let attempt = newest.metadata.as_ref().map_or(0, |m| m.attempt);
+                        let mut status = self.container_status(&newest.id).await?;
+                        let mut backing_off = false;
+                        let mut restart_count = attempt;
+                        if status.state == api::ContainerState::ContainerCreated as i32 {
+                            self.cri
+                                .runtime
+                                .start_container(api::StartContainerRequest {
+                                    container_id: newest.id.clone(),
+                                })
+                                .await
+                                .map_err(cri_err("StartContainer"))?;
+                            status = self.container_status(&newest.id).await?;
+                        } else if status.state == api::ContainerState::ContainerExited as i32
+                            && pod_status::restarts(&policy, status.exit_code)
+                        {
+                            let delay = pod_status::restart_delay(
+                                self.config.restart_backoff_base,
+                                attempt,
+                            );
+                            let due = i128::from(status.finished_at)
+                                + i128::try_from(delay.as_nanos()).unwrap_or(i128::MAX);
+                            if Timestamp::now().as_nanosecond() >= due {
+                                let id = self
+                                    .start_container(pod, sid, &sandbox_config, c, attempt + 1)
+                                    .await?;
+                                // Keep the instance just exited (its log), drop older ones.
+                                for old in mine.iter().take(mine.len().saturating_sub(1)) {
+                                    let _ = self
+                                        .cri
+                                        .runtime
+                                        .remove_container(api::RemoveContainerRequest {
+                                            container_id: old.id.clone(),
+                                        })
+                                        .await;
+                                }
+                                status = self.container_status(&id).await?;
+                                restart_count = attempt + 1;
+                            } else {
+                                backing_off = true;
+                            }
+                        }
+                        Observed {
+                            status,
+                            restart_count,
+                            backing_off,
+                        }
+                    }
+                };
+                observed.insert(c.name.clone(), o);
+            }
+        }
+        let mut base = pod.clone();
+        if let Some(last) = self.written.get(&k.uid) {
+            base.status = Some(last.clone());
+        }
+        let status = pod_status::pod_status(
+            &base,
+            sandbox_view.as_ref(),
+            &|name| observed.get(name).cloned(),
+            &self.host_ip,
+            Timestamp::now(),
+        );
+        if self.written.get(&k.uid) == Some(&status) {
+            return Ok(());
+        }
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &k.namespace);
+        pods.patch_status(
+            &k.name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": status })),
+        )
+        .await
+        .map_err(api_err(format!("status of pod {}/{}", k.namespace, k.name)))?;
+        self.written.insert(k.uid, status);
+        Ok(())
+    }
+}
