@@ -72,6 +72,22 @@ pub fn run() -> anyhow::Result<()> {
                 r.peak_mib
             );
         }
+        println!();
+        println!(
+            "CPU per create (µs) while creating: {:<14} {:>8} {:>8} {:>18}",
+            "", "server", "client", "rest of machine"
+        );
+        for (name, r) in [("API on etcd", &on_etcd), ("API on redb", &on_redb)] {
+            println!(
+                "{:<36} {:<14} {:>8.0} {:>8.0} {:>18.0}",
+                "", name, r.server_cpu_us, r.client_cpu_us, r.other_cpu_us
+            );
+        }
+        println!(
+            "(2 cores give {:.0} µs per create at the redb rate; the rest includes etcd and other \
+             load)",
+            2e6 / on_redb.creates_per_s
+        );
         let etcd_ratio = on_etcd.creates_per_s / raw;
         let redb_ratio = on_redb.creates_per_s / on_etcd.creates_per_s;
         println!();
@@ -138,6 +154,11 @@ async fn raw_etcd_puts(endpoint: &str, pods: &[Value]) -> anyhow::Result<f64> {
 
 struct Result {
     creates_per_s: f64,
+    /// CPU per create during the create phase, in µs: the server, this client, and the rest of
+    /// the machine (etcd, and whatever else runs on it).
+    server_cpu_us: f64,
+    client_cpu_us: f64,
+    other_cpu_us: f64,
     list_ms: f64,
     watch_p50_ms: f64,
     watch_p99_ms: f64,
@@ -192,6 +213,37 @@ pub(crate) fn start_server(
     bail!("keel server exited before printing its kubeconfig path")
 }
 
+/// CPU seconds (user + system) the process `pid` (or "self") has used, from /proc/<pid>/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (in parentheses, may hold spaces) utime and stime are the 12th
+    // and 13th fields, in clock ticks; USER_HZ is 100 on every Linux ABI.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: f64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+/// CPU seconds all cores have been busy (not idle, not waiting for I/O), from /proc/stat.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).unwrap_or(&0.0) + fields.get(4).unwrap_or(&0.0);
+    (total - idle) / 100.0
+}
+
 pub(crate) fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -239,6 +291,12 @@ async fn bench_server(keel: &Path, etcd: Option<&str>, pods: &[Value]) -> anyhow
         .map(serde_json::to_vec)
         .collect::<std::result::Result<_, _>>()?;
     let uri = format!("/api/v1/namespaces/{NAMESPACE}/pods");
+    let server_pid = server.0.id().to_string();
+    let cpu_before = (
+        cpu_seconds(&server_pid),
+        cpu_seconds("self"),
+        machine_busy_seconds(),
+    );
     let start = Instant::now();
     futures::stream::iter(bodies.into_iter().map(|body| {
         let client = client.clone();
@@ -259,6 +317,11 @@ async fn bench_server(keel: &Path, etcd: Option<&str>, pods: &[Value]) -> anyhow
     .await
     .context("create pods")?;
     let creates_per_s = pods.len() as f64 / start.elapsed().as_secs_f64();
+    let per_create = |before: f64, after: f64| (after - before) * 1e6 / pods.len() as f64;
+    let server_cpu_us = per_create(cpu_before.0, cpu_seconds(&server_pid));
+    let client_cpu_us = per_create(cpu_before.1, cpu_seconds("self"));
+    let other_cpu_us =
+        per_create(cpu_before.2, machine_busy_seconds()) - server_cpu_us - client_cpu_us;
 
     let mut lists = Vec::new();
     let mut rv = String::new();
@@ -337,6 +400,9 @@ async fn bench_server(keel: &Path, etcd: Option<&str>, pods: &[Value]) -> anyhow
     drop(server);
     Ok(Result {
         creates_per_s,
+        server_cpu_us,
+        client_cpu_us,
+        other_cpu_us,
         list_ms: lists[1],
         watch_p50_ms: pct(0.50),
         watch_p99_ms: pct(0.99),
