@@ -1,0 +1,503 @@
+//! End-to-end test of `keel agent`: `keel server --no-node` on 127.0.0.1 (API, scheduler,
+//! controllers), `keel cri` inside a test network namespace with keel-cni (as
+//! tests/cri_pods.rs runs it), and `keel agent` between them. Through kube-rs: the Node turns
+//! Ready, pods are scheduled and run, exit codes and restarts show in their status, a deleted
+//! pod's sandbox goes and then the pod object, and a Deployment's replicas run. Privileged
+//! (root): namespaces, mounts, cgroups.
+//!
+//! Needs `target/debug/keel-cni` (`cargo build -p keel-cni`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node as KNode, Pod};
+use keel_cri::api;
+use keel_testkit::image_builder::{MediaTypes, Variant, build_cached};
+use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, privileged};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+
+const IMAGE: &str = "example.com/keel/busybox:v1";
+const NODE: &str = "keel-test-node";
+
+fn keel_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keel"))
+}
+
+/// A child process (server, cri, agent) SIGKILLed on drop; its log printed if the test fails.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("---- {} log ----\n{text}", self.name);
+        }
+    }
+}
+
+/// The node's resources: a network namespace, a cgroup parent, a state root with the image
+/// and keel-cni installed. Drop removes every pod left (`keel pod rm -f`, no daemon needed),
+/// then the cgroups, the namespace and the state root.
+struct NodeRes {
+    cgroup: Option<CgroupGuard>,
+    netns: Option<NetnsGuard>,
+    state: Option<StateRoot>,
+}
+
+impl NodeRes {
+    fn new() -> NodeRes {
+        let plugin = keel_bin().with_file_name("keel-cni");
+        assert!(
+            plugin.is_file(),
+            "{} is missing: run `cargo build -p keel-cni` first",
+            plugin.display()
+        );
+        let node = NodeRes {
+            cgroup: Some(CgroupGuard::new().unwrap()),
+            netns: Some(NetnsGuard::new().unwrap()),
+            state: Some(StateRoot::new().unwrap()),
+        };
+        let tar = node.root().join("busybox.tar");
+        build_cached(Variant::Single, MediaTypes::Oci)
+            .unwrap()
+            .write_oci_archive(&tar, IMAGE)
+            .unwrap();
+        node.keel_ok(&["image", "import", tar.to_str().unwrap()]);
+        node.install_cni("10.250.7.0/24");
+        node
+    }
+    fn root(&self) -> &Path {
+        self.state.as_ref().unwrap().path()
+    }
+    fn run_dir(&self) -> PathBuf {
+        self.root().join("run/containers")
+    }
+    fn socket(&self) -> PathBuf {
+        self.root().join("keel.sock")
+    }
+    fn keel(&self, args: &[&str]) -> std::process::Output {
+        Command::new(keel_bin())
+            .arg("--root")
+            .arg(self.root())
+            .args(args)
+            .env_remove("KEEL_CONFIG")
+            .env("KEEL_RUN_DIR", self.run_dir())
+            .output()
+            .unwrap()
+    }
+    fn keel_ok(&self, args: &[&str]) -> String {
+        let out = self.keel(args);
+        assert!(
+            out.status.success(),
+            "keel {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn install_cni(&self, subnet: &str) {
+        let conf = self.root().join("cni/net.d");
+        self.keel_ok(&[
+            "cni",
+            "install",
+            "--bin-dir",
+            self.root().join("cni/bin").to_str().unwrap(),
+            "--conf-dir",
+            conf.to_str().unwrap(),
+            "--network",
+            "keeltest",
+            "--bridge",
+            "kbr0",
+            "--subnet",
+            subnet,
+            "--no-masquerade",
+        ]);
+        let file = std::fs::read_dir(&conf)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "conflist"))
+            .expect("keel cni install wrote a conflist");
+        let mut list: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        list["plugins"][0]["ipam"]["dataDir"] = json!(self.root().join("ipam").to_str().unwrap());
+        std::fs::write(&file, list.to_string()).unwrap();
+    }
+
+    /// `keel cri` inside the node's network namespace.
+    fn start_cri(&self) -> Proc {
+        let log = self.root().join("cri.log");
+        let child = Command::new("nsenter")
+            .arg(format!(
+                "--net={}",
+                self.netns.as_ref().unwrap().path().display()
+            ))
+            .arg("--")
+            .arg(keel_bin())
+            .arg("--root")
+            .arg(self.root())
+            .args(["--log", "info", "cri", "--socket"])
+            .arg(self.socket())
+            .arg("--cni-conf-dir")
+            .arg(self.root().join("cni/net.d"))
+            .arg("--cni-bin-dir")
+            .arg(self.root().join("cni/bin"))
+            .args(["--metrics-address", ""])
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--cgroup-parent")
+            .arg(self.cgroup.as_ref().unwrap().name())
+            .env_remove("KEEL_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc {
+            name: "keel cri",
+            child,
+            log,
+        }
+    }
+}
+
+impl Drop for NodeRes {
+    fn drop(&mut self) {
+        let ids = self.keel(&["pod", "ls", "-q"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.keel(&["pod", "rm", "-f", id]);
+        }
+        let ids = self.keel(&["ctr", "ls", "-a", "-q"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.keel(&["ctr", "rm", "-f", id]);
+        }
+        let parent = self.cgroup.as_ref().unwrap().name().to_owned();
+        drop(self.cgroup.take());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for l in mounts.lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2") {
+                keel_testkit::cgroup::remove_tree(&Path::new(f[1]).join(&parent));
+            }
+        }
+        drop(self.netns.take());
+        drop(self.state.take());
+    }
+}
+
+fn start_server(dir: &Path) -> (Proc, PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = dir.join("server.log");
+    let mut child = Command::new(keel_bin())
+        .args(["server", "--no-node", "--data-dir"])
+        .arg(dir.join("server"))
+        .args(["--api-listen", &format!("127.0.0.1:{port}")])
+        .env_remove("KEEL_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn keel server");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc {
+        name: "keel server",
+        child,
+        log,
+    };
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("keel server printed its kubeconfig path");
+        if let Some(p) = line.strip_prefix("keel server: kubeconfig written to ") {
+            return (proc, PathBuf::from(p));
+        }
+    }
+}
+
+async fn client(kubeconfig: &Path) -> kube::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+/// Polls `f` every 200 ms until it returns Some, for at most `secs`.
+async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pod(name: &str, policy: &str, script: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"test": name}},
+        "spec": {
+            "restartPolicy": policy,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", script],
+                "env": [{"name": "GREETING", "value": "hi"}],
+                "resources": {"limits": {"cpu": "200m", "memory": "64Mi"}}
+            }]
+        }
+    }))
+    .unwrap()
+}
+
+fn container_status(p: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    p.status.as_ref()?.container_statuses.as_ref()?.first()
+}
+
+fn condition(p: &Pod, t: &str) -> Option<String> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| c.status.clone())
+}
+
+async fn sandboxes_of(
+    cri: &mut api::runtime_service_client::RuntimeServiceClient<
+        keel_cri::tonic::transport::Channel,
+    >,
+    uid: &str,
+) -> usize {
+    cri.list_pod_sandbox(api::ListPodSandboxRequest {
+        filter: Some(api::PodSandboxFilter {
+            label_selector: HashMap::from([("io.kubernetes.pod.uid".into(), uid.into())]),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .items
+    .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_the_pods_of_its_node() {
+    if !privileged("agent_runs_the_pods_of_its_node") {
+        return;
+    }
+    let node = NodeRes::new();
+    let dir = node.root().to_owned();
+    let _cri = node.start_cri();
+    let (_server, kubeconfig) = start_server(&dir);
+    let channel = wait_for("keel cri's socket", 30, || async {
+        keel_cri::client::connect(&node.socket()).await.ok()
+    })
+    .await;
+    let mut cri = keel_cri::client::clients(channel).0;
+
+    let agent_log = dir.join("agent.log");
+    let agent = Command::new(keel_bin())
+        .args(["--log", "keel_agent=debug,info", "agent", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args(["--node-name", NODE, "--cri-socket"])
+        .arg(node.socket())
+        .args(["--node-ip", "127.0.0.1", "--pod-log-dir"])
+        .arg(dir.join("pod-logs"))
+        .args(["--heartbeat-interval", "1", "--restart-backoff", "0.5"])
+        .args(["--reserved-cpu", "100"])
+        .env_remove("KEEL_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log).unwrap())
+        .spawn()
+        .unwrap();
+    let _agent = Proc {
+        name: "keel agent",
+        child: agent,
+        log: agent_log,
+    };
+
+    let kube = client(&kubeconfig).await;
+    let nodes: Api<KNode> = Api::all(kube.clone());
+    let n = wait_for("the Node to turn Ready", 30, || async {
+        let n = nodes.get_opt(NODE).await.ok()??;
+        let ready = n
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(n)
+    })
+    .await;
+    let status = n.status.unwrap();
+    let info = status.node_info.unwrap();
+    assert!(
+        info.container_runtime_version.starts_with("keel://"),
+        "{}",
+        info.container_runtime_version
+    );
+    let cap = status.capacity.unwrap();
+    let alloc = status.allocatable.unwrap();
+    assert_eq!(cap["pods"].0, "110");
+    let cpus: u64 = cap["cpu"].0.parse().unwrap();
+    assert_eq!(alloc["cpu"].0, format!("{}m", cpus * 1000 - 100));
+    let addrs = status.addresses.unwrap();
+    assert!(
+        addrs
+            .iter()
+            .any(|a| a.type_ == "InternalIP" && a.address == "127.0.0.1")
+    );
+    // The Lease is renewed (every second here).
+    let leases: Api<Lease> = Api::namespaced(kube.clone(), "kube-node-lease");
+    let first = wait_for("the node's Lease", 10, || async {
+        leases.get_opt(NODE).await.ok()??.spec?.renew_time
+    })
+    .await;
+    wait_for("a Lease renewal", 10, || async {
+        let t = leases.get_opt(NODE).await.ok()??.spec?.renew_time?;
+        (t != first).then_some(())
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
+    pods.create(
+        &PostParams::default(),
+        &pod("hi", "Always", "echo hi; sleep 3600"),
+    )
+    .await
+    .unwrap();
+    pods.create(&PostParams::default(), &pod("fail", "Never", "exit 3"))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("crash", "Always", "exit 1"))
+        .await
+        .unwrap();
+
+    let hi = wait_for("pod hi Running and Ready", 60, || async {
+        let p = pods.get("hi").await.ok()?;
+        let s = p.status.as_ref()?;
+        (s.phase.as_deref() == Some("Running")
+            && s.pod_ip.is_some()
+            && condition(&p, "Ready").as_deref() == Some("True"))
+        .then_some(p)
+    })
+    .await;
+    assert_eq!(hi.spec.as_ref().unwrap().node_name.as_deref(), Some(NODE));
+    let s = hi.status.as_ref().unwrap();
+    assert!(s.pod_ip.as_ref().unwrap().starts_with("10.250.7."), "{s:?}");
+    assert_eq!(s.host_ip.as_deref(), Some("127.0.0.1"));
+    let cs = container_status(&hi).unwrap();
+    assert!(cs.ready);
+    assert!(cs.container_id.as_ref().unwrap().starts_with("keel://"));
+    assert!(cs.state.as_ref().unwrap().running.is_some());
+    // The container's log is under the pod log dir, in kubelet's layout.
+    let uid = hi.metadata.uid.clone().unwrap();
+    let log = dir.join(format!("pod-logs/default_hi_{uid}/main/0.log"));
+    wait_for("hi's log line", 10, || async {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("hi")
+            .then_some(())
+    })
+    .await;
+
+    let fail = wait_for("pod fail Failed", 60, || async {
+        let p = pods.get("fail").await.ok()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Failed")).then_some(p)
+    })
+    .await;
+    let t = container_status(&fail)
+        .unwrap()
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!(t.exit_code, 3);
+    assert_eq!(t.reason.as_deref(), Some("Error"));
+
+    wait_for("pod crash restarted twice", 60, || async {
+        let p = pods.get("crash").await.ok()?;
+        (container_status(&p)?.restart_count >= 2).then_some(())
+    })
+    .await;
+
+    // Delete: the node stops the pod, removes its sandbox, then the object goes.
+    assert_eq!(sandboxes_of(&mut cri, &uid).await, 1);
+    pods.delete("hi", &DeleteParams::default()).await.unwrap();
+    wait_for("pod hi gone from the API", 30, || async {
+        pods.get_opt("hi").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(sandboxes_of(&mut cri, &uid).await, 0, "sandbox removed");
+
+    // A Deployment of 2 replicas.
+    let deploy: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+                    "name": "web", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+                    "command": ["sleep", "3600"]
+                }]}
+            }
+        }
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(kube.clone(), "default")
+        .create(&PostParams::default(), &deploy)
+        .await
+        .unwrap();
+    wait_for("2 Running web pods", 60, || async {
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        let running = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+            })
+            .count();
+        (running == 2).then_some(())
+    })
+    .await;
+}
