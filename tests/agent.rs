@@ -310,6 +310,56 @@ async fn sandboxes_of(
     .len()
 }
 
+/// `keel agent` for the test node, with a 1 s heartbeat and a 0.5 s restart back-off.
+fn start_agent(node: &NodeRes, kubeconfig: &Path, n: u32) -> Proc {
+    let dir = node.root();
+    let log = dir.join(format!("agent-{n}.log"));
+    let child = Command::new(keel_bin())
+        .args(["--log", "keel_agent=debug,info", "agent", "--kubeconfig"])
+        .arg(kubeconfig)
+        .args(["--node-name", NODE, "--cri-socket"])
+        .arg(node.socket())
+        .args(["--node-ip", "127.0.0.1", "--pod-log-dir"])
+        .arg(dir.join("pod-logs"))
+        .args(["--heartbeat-interval", "1", "--restart-backoff", "0.5"])
+        .args(["--reserved-cpu", "100"])
+        .env_remove("KEEL_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proc {
+        name: "keel agent",
+        child,
+        log,
+    }
+}
+
+async fn sandbox_ids(
+    cri: &mut api::runtime_service_client::RuntimeServiceClient<
+        keel_cri::tonic::transport::Channel,
+    >,
+    label: (&str, &str),
+) -> Vec<String> {
+    let mut ids: Vec<String> = cri
+        .list_pod_sandbox(api::ListPodSandboxRequest {
+            filter: Some(api::PodSandboxFilter {
+                label_selector: HashMap::from([(label.0.into(), label.1.into())]),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_runs_the_pods_of_its_node() {
     if !privileged("agent_runs_the_pods_of_its_node") {
@@ -325,27 +375,7 @@ async fn agent_runs_the_pods_of_its_node() {
     .await;
     let mut cri = keel_cri::client::clients(channel).0;
 
-    let agent_log = dir.join("agent.log");
-    let agent = Command::new(keel_bin())
-        .args(["--log", "keel_agent=debug,info", "agent", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .args(["--node-name", NODE, "--cri-socket"])
-        .arg(node.socket())
-        .args(["--node-ip", "127.0.0.1", "--pod-log-dir"])
-        .arg(dir.join("pod-logs"))
-        .args(["--heartbeat-interval", "1", "--restart-backoff", "0.5"])
-        .args(["--reserved-cpu", "100"])
-        .env_remove("KEEL_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&agent_log).unwrap())
-        .spawn()
-        .unwrap();
-    let _agent = Proc {
-        name: "keel agent",
-        child: agent,
-        log: agent_log,
-    };
+    let agent = start_agent(&node, &kubeconfig, 1);
 
     let kube = client(&kubeconfig).await;
     let nodes: Api<KNode> = Api::all(kube.clone());
@@ -500,4 +530,45 @@ async fn agent_runs_the_pods_of_its_node() {
         (running == 2).then_some(())
     })
     .await;
+
+    // A restarted agent adopts the sandboxes it finds, and tears down those of pods the API
+    // lost while it was away.
+    let web_before = sandbox_ids(&mut cri, ("app", "web")).await;
+    assert_eq!(web_before.len(), 2);
+    let crash_uid = pods.get("crash").await.unwrap().metadata.uid.unwrap();
+    assert_eq!(sandboxes_of(&mut cri, &crash_uid).await, 1);
+    drop(agent);
+    pods.delete("crash", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_for("pod crash gone from the API", 10, || async {
+        pods.get_opt("crash").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(
+        sandboxes_of(&mut cri, &crash_uid).await,
+        1,
+        "no agent ran meanwhile"
+    );
+    let _agent = start_agent(&node, &kubeconfig, 2);
+    wait_for("the orphaned sandbox torn down", 30, || {
+        let mut cri = cri.clone();
+        let uid = crash_uid.clone();
+        async move { (sandboxes_of(&mut cri, &uid).await == 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        sandbox_ids(&mut cri, ("app", "web")).await,
+        web_before,
+        "the web pods' sandboxes are adopted, not replaced"
+    );
+    let list = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
+    for p in &list.items {
+        let cs = container_status(p).unwrap();
+        assert_eq!(cs.restart_count, 0, "{:?}", p.metadata.name);
+        assert!(cs.state.as_ref().unwrap().running.is_some());
+    }
 }
