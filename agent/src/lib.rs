@@ -73,8 +73,7 @@ pub struct AgentConfig {
     pub cri_socket: PathBuf,
     /// Pod logs go to `<pod_log_dir>/<namespace>_<name>_<uid>/<container>/<restart>.log`.
     pub pod_log_dir: PathBuf,
-    /// The InternalIP address and every pod's hostIP. None: the first non-loopback address of
-    /// the host name, else 127.0.0.1.
+    /// The InternalIP address and every pod's hostIP. None: 127.0.0.1.
     pub node_ip: Option<IpAddr>,
     /// CPU kept from pods, in millicores (capacity - reserved = allocatable).
     pub reserved_cpu_millis: u64,

@@ -57,22 +57,18 @@ pub fn parse_meminfo(text: &str) -> Option<u64> {
     }
 }
 
-/// The host name (the Hostname address).
+/// The host name (the Hostname address), as the kernel has it.
 pub(crate) fn hostname() -> Result<String, AgentError> {
-    let name = rustix_hostname().map_err(|source| AgentError::Machine {
-        what: "hostname",
-        source,
-    })?;
-    Ok(name)
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| AgentError::Machine {
+            what: "/proc/sys/kernel/hostname",
+            source,
+        })
 }
 
-fn rustix_hostname() -> std::io::Result<String> {
-    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?
-        .trim()
-        .to_owned())
-}
-
-/// Without `--node-ip`: loopback, which is always there (production nodes pass their IP).
+/// Without a configured node IP: loopback, which every machine has (real nodes pass theirs;
+/// guessing the right interface is left to the operator, as kubelet's `--node-ip`).
 pub(crate) fn default_node_ip() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
 }
