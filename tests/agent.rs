@@ -477,6 +477,32 @@ async fn agent_runs_the_pods_of_its_node() {
         .unwrap();
     assert_eq!(t.exit_code, 3);
     assert_eq!(t.reason.as_deref(), Some("Error"));
+    // Its sandbox is stopped, not replaced, and the status stays Failed.
+    let fail_uid = fail.metadata.uid.clone().unwrap();
+    wait_for("fail's sandbox stopped", 10, || {
+        let mut cri = cri.clone();
+        let uid = fail_uid.clone();
+        async move {
+            let items = cri
+                .list_pod_sandbox(api::ListPodSandboxRequest {
+                    filter: Some(api::PodSandboxFilter {
+                        label_selector: HashMap::from([("io.kubernetes.pod.uid".into(), uid)]),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .items;
+            (items.len() == 1 && items[0].state == api::PodSandboxState::SandboxNotready as i32)
+                .then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sandboxes_of(&mut cri, &fail_uid).await, 1);
+    let again = pods.get("fail").await.unwrap();
+    assert_eq!(again.status.unwrap().phase.as_deref(), Some("Failed"));
 
     wait_for("pod crash restarted twice", 60, || async {
         let p = pods.get("crash").await.ok()?;

@@ -334,14 +334,17 @@ impl Syncer {
         let ready = sbs
             .iter()
             .find(|s| s.state == api::PodSandboxState::SandboxReady as i32);
+        // Finished pods (by what this agent wrote, or what the API has after a restart) never
+        // run again; their stopped sandbox stays until the pod is deleted, their status as is.
         let terminal = self
             .written
             .get(&k.uid)
+            .or(pod.status.as_ref())
             .and_then(|s| s.phase.as_deref())
             .is_some_and(|p| p == "Succeeded" || p == "Failed");
         let sandbox_id = match ready {
             Some(s) => Some(s.id.clone()),
-            None if terminal => None,
+            None if terminal => return Ok(()),
             None => {
                 // A sandbox that died (or was stopped) is replaced, with all its containers.
                 self.teardown(sbs, ctrs, 0).await?;
@@ -477,7 +480,18 @@ impl Syncer {
         )
         .await
         .map_err(api_err(format!("status of pod {}/{}", k.namespace, k.name)))?;
+        let done = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
         self.written.insert(k.uid, status);
+        if let (true, Some(sid)) = (done, sandbox_id) {
+            // As kubelet: a finished pod's sandbox is stopped (its IP freed), kept for its logs.
+            self.cri
+                .runtime
+                .stop_pod_sandbox(api::StopPodSandboxRequest {
+                    pod_sandbox_id: sid,
+                })
+                .await
+                .map_err(cri_err("StopPodSandbox"))?;
+        }
         Ok(())
     }
 }
