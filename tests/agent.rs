@@ -40,6 +40,11 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // KEEL_TEST_LOG_DIR keeps every log of a passing run too (the state root goes).
+        if let Some(keep) = std::env::var_os("KEEL_TEST_LOG_DIR") {
+            let name = self.log.file_name().unwrap_or_default();
+            let _ = std::fs::copy(&self.log, Path::new(&keep).join(name));
+        }
         if std::thread::panicking() {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             eprintln!("---- {} log ----\n{text}", self.name);
