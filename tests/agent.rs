@@ -426,6 +426,21 @@ async fn agent_runs_the_pods_of_its_node() {
     })
     .await;
 
+    // And so is the Ready condition's heartbeat.
+    let beat = |n: KNode| {
+        n.status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "Ready")?
+            .last_heartbeat_time
+    };
+    let first_beat = beat(nodes.get(NODE).await.unwrap()).expect("a Ready heartbeat");
+    wait_for("a Ready heartbeat renewal", 10, || async {
+        let t = beat(nodes.get(NODE).await.ok()?)?;
+        (t != first_beat).then_some(())
+    })
+    .await;
+
     let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
     pods.create(
         &PostParams::default(),
