@@ -244,6 +244,21 @@ fn machine_busy_seconds() -> f64 {
     (total - idle) / 100.0
 }
 
+/// A client for the server's kubeconfig, with namespace `ns` created.
+pub(crate) async fn client_with_namespace(
+    kubeconfig: &Path,
+    ns: &str,
+) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let client = kube::Client::try_from(config)?;
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(client)
+}
+
 pub(crate) fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -275,13 +290,7 @@ async fn bench_server(keel: &Path, etcd: Option<&str>, pods: &[Value]) -> anyhow
         })
         .await??
     };
-    let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    let client = kube::Client::try_from(config)?;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
+    let client = client_with_namespace(&kubeconfig, NAMESPACE).await?;
     let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
 
     // Bodies serialized up front, as the anchor's values are: the client's own JSON work stays out

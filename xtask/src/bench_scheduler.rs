@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 
-use crate::bench_api::{Server, build_keel, rss_mib, start_server};
+use crate::bench_api::{Server, build_keel, client_with_namespace, rss_mib, start_server};
 
 const NODES: usize = 1_000;
 const PODS: usize = 10_000;
@@ -212,13 +212,7 @@ async fn bench(keel: &Path) -> anyhow::Result<()> {
         })
         .await??
     };
-    let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    let client = kube::Client::try_from(config)?;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
+    let client = client_with_namespace(&kubeconfig, NAMESPACE).await?;
 
     println!("creating {NODES} nodes with heartbeats...");
     create_all(&client, "/api/v1/nodes", (0..NODES).map(node).collect()).await?;
