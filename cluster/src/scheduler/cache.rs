@@ -260,19 +260,17 @@ impl Cache {
         }
     }
 
-    pub fn is_assigned(&self, uid: &str) -> bool {
-        self.assigned.contains_key(uid)
-    }
-
-    /// Forgets every node and pod (a watch restarted and lists everything again).
-    pub fn clear_pods(&mut self) {
-        self.assigned.clear();
-        for n in self.nodes.values_mut() {
-            n.used_cpu_milli = 0;
-            n.used_memory = 0;
-            n.pods = 0;
-            n.host_ports.clear();
-            n.owners.clear();
+    /// Frees every counted pod whose uid `keep` rejects (pods that vanished while a watch was
+    /// down: a relist does not send their deletes).
+    pub fn retain_assigned(&mut self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self
+            .assigned
+            .keys()
+            .filter(|uid| !keep(uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.unassign(&uid);
         }
     }
 
@@ -283,8 +281,49 @@ impl Cache {
     pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
         self.nodes.values()
     }
+}
 
-    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
-        self.nodes.get(name)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"allocatable": {"cpu": "2", "memory": "1Gi"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap()
+    }
+
+    fn used(c: &Cache, name: &str) -> (i64, i64) {
+        let n = c.nodes().find(|n| n.name == name).unwrap();
+        (n.used_cpu_milli, n.pods)
+    }
+
+    #[test]
+    fn pods_are_counted_once_by_uid_and_freed_exactly() {
+        let mut c = Cache::default();
+        let needs = Needs {
+            cpu_milli: 500,
+            ..Needs::default()
+        };
+        // Bound before its node is known: counted when the node arrives.
+        c.assign("u1", "a", needs.clone());
+        c.upsert_node(&node("a"));
+        assert_eq!(used(&c, "a"), (500, 1));
+        c.assign("u1", "a", needs.clone());
+        assert_eq!(
+            used(&c, "a"),
+            (500, 1),
+            "the watch confirming an assumed pod"
+        );
+        c.upsert_node(&node("a"));
+        assert_eq!(used(&c, "a"), (500, 1), "a node update keeps usage");
+        c.assign("u2", "a", needs.clone());
+        c.retain_assigned(|uid| uid == "u2");
+        assert_eq!(used(&c, "a"), (500, 1), "u1 vanished during a relist");
+        c.unassign("u2");
+        assert_eq!(used(&c, "a"), (0, 0));
     }
 }

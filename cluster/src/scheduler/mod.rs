@@ -84,7 +84,6 @@ struct State {
     pods_synced: bool,
     /// Uids seen since a pod watch (re)started, to drop what vanished meanwhile.
     relisting: Option<HashSet<String>>,
-    bound: u64,
 }
 
 struct Shared {
@@ -196,6 +195,8 @@ async fn watch_pods(client: kube::Client, shared: Arc<Shared>) {
                     for (k, uid) in gone {
                         pod_gone(&mut st, &k, &uid);
                     }
+                    st.cache.retain_assigned(|uid| seen.contains(uid));
+                    st.queue.retry_all();
                 }
                 st.pods_synced = true;
             }
@@ -374,7 +375,6 @@ async fn bind(client: kube::Client, shared: &Shared, p: Pending, node: String) {
     st.binding.remove(&k);
     match result {
         Ok(_) => {
-            st.bound += 1;
             st.pending.remove(&k);
             st.queue.forget(&k);
             st.told.remove(&k);
