@@ -4,7 +4,8 @@
 //! libcontainer forks without the atfork handlers a multi-threaded caller would need, so the
 //! tenant process is started by a short-lived helper, the keel binary re-executed as
 //! `keel __exec <run dir> <bundle> <id> <timeout ms> <status file> -- CMD...`. The helper's
-//! stdout/stderr are the command's; it reports exit code and timeout in the status file.
+//! stdin/stdout/stderr are the command's; it reports exit code and timeout in the status file.
+//! The streaming exec (`container_exec_stream.rs`) starts the same helper with pipes.
 
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -33,10 +34,10 @@ pub struct ExecResult {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct HelperStatus {
-    exit_code: i32,
-    timed_out: bool,
-    error: Option<String>,
+pub(super) struct HelperStatus {
+    pub(super) exit_code: i32,
+    pub(super) timed_out: bool,
+    pub(super) error: Option<String>,
 }
 
 /// Cap on captured output per stream (what CRI's ExecSync allows).
@@ -75,46 +76,15 @@ impl ContainerRuntime {
         cmd: &[String],
         timeout: Option<Duration>,
     ) -> Result<ExecResult, ContainerError> {
-        let info = self.status(id)?;
-        if info.status != Status::Running {
-            return Err(ContainerError::InvalidState {
-                id: id.to_string(),
-                op: "exec in",
-                status: info.status.to_string(),
-            });
-        }
+        let (mut child, status_file) = self.spawn_exec_helper(id, cmd, timeout, Stdio::null())?;
         let err = |reason: String| ContainerError::Exec {
             id: id.to_string(),
             reason,
         };
-        if cmd.is_empty() {
-            return Err(err("empty command".into()));
-        }
-        let status_file = self
-            .paths
-            .dir(id)
-            .join(format!("exec-{:08x}.json", rand::random::<u32>()));
-        let exe = self.monitor_exe()?;
-        let timeout_ms = timeout.map(|t| t.as_millis().max(1) as u64).unwrap_or(0);
-        let mut child = Command::new(&exe)
-            .arg(EXEC_ARG)
-            .arg(&self.paths.run)
-            .arg(self.paths.bundle(id).join("config.json"))
-            .arg(id)
-            .arg(timeout_ms.to_string())
-            .arg(&status_file)
-            .arg("--")
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| err(format!("spawn {}: {e}", exe.display())))?;
         let out = child.stdout.take().map(collect);
         let errb = child.stderr.take().map(collect);
         let status = child.wait().map_err(|e| err(format!("wait helper: {e}")))?;
-        let result: Option<HelperStatus> = read_json(&status_file).ok().flatten();
-        let _ = std::fs::remove_file(&status_file);
+        let result = take_helper_status(&status_file);
         // Background processes of the command may keep the pipes open: give the readers a
         // moment to drain, then take what they have.
         let deadline = Instant::now() + Duration::from_millis(200);
@@ -136,6 +106,63 @@ impl ContainerRuntime {
             timed_out: result.timed_out,
         })
     }
+}
+
+impl ContainerRuntime {
+    /// Starts the exec helper for `cmd` in the running container `id`, its stdout and stderr
+    /// piped, its stdin `stdin` (the command gets the helper's stdin). Returns the helper and
+    /// the status file it writes; [`take_helper_status`] reads it once the helper exited.
+    pub(super) fn spawn_exec_helper(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Option<Duration>,
+        stdin: Stdio,
+    ) -> Result<(std::process::Child, PathBuf), ContainerError> {
+        let info = self.status(id)?;
+        if info.status != Status::Running {
+            return Err(ContainerError::InvalidState {
+                id: id.to_string(),
+                op: "exec in",
+                status: info.status.to_string(),
+            });
+        }
+        let err = |reason: String| ContainerError::Exec {
+            id: id.to_string(),
+            reason,
+        };
+        if cmd.is_empty() {
+            return Err(err("empty command".into()));
+        }
+        let status_file = self
+            .paths
+            .dir(id)
+            .join(format!("exec-{:08x}.json", rand::random::<u32>()));
+        let exe = self.monitor_exe()?;
+        let timeout_ms = timeout.map(|t| t.as_millis().max(1) as u64).unwrap_or(0);
+        let child = Command::new(&exe)
+            .arg(EXEC_ARG)
+            .arg(&self.paths.run)
+            .arg(self.paths.bundle(id).join("config.json"))
+            .arg(id)
+            .arg(timeout_ms.to_string())
+            .arg(&status_file)
+            .arg("--")
+            .args(cmd)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err(format!("spawn {}: {e}", exe.display())))?;
+        Ok((child, status_file))
+    }
+}
+
+/// What the helper reported in `status_file` (None: it wrote nothing), removing the file.
+pub(super) fn take_helper_status(status_file: &Path) -> Option<HelperStatus> {
+    let result: Option<HelperStatus> = read_json(status_file).ok().flatten();
+    let _ = std::fs::remove_file(status_file);
+    result
 }
 
 /// The helper's entry (see the module doc). Returns its exit code.
@@ -170,7 +197,7 @@ pub fn helper_main(args: &[String]) -> i32 {
 }
 
 fn dup(fd: i32) -> Result<OwnedFd, String> {
-    // SAFETY: fds 1 and 2 are open for the whole life of the helper; dup gives an owned copy.
+    // SAFETY: fds 0, 1 and 2 are open for the whole life of the helper; dup gives an owned copy.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     borrowed
         .try_clone_to_owned()
@@ -188,7 +215,8 @@ fn run_helper(
     let spec = oci_spec::runtime::Spec::load(spec_path).map_err(|e| format!("load spec: {e}"))?;
     let user = spec.process().as_ref().map(|p| p.user().clone());
     let cwd = spec.process().as_ref().map(|p| p.cwd().clone());
-    let stdin = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    // The helper's own stdin: /dev/null for exec-sync, a pipe for a streaming exec.
+    let stdin = dup(0)?;
     let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(run)
         .map_err(|e| format!("run dir: {e}"))?

@@ -18,6 +18,7 @@ pub mod cgroups;
 pub mod config;
 pub mod container_create;
 pub mod container_exec;
+pub mod container_exec_stream;
 pub mod container_list;
 pub mod container_logs;
 pub mod container_remove;
@@ -42,6 +43,7 @@ pub use config::{
 };
 pub use container_create::ImageInfo;
 pub use container_exec::ExecResult;
+pub use container_exec_stream::ExecProcess;
 pub use container_list::{ContainerInfo, ListFilter, Status};
 pub use container_stats::ContainerStats;
 pub use state::{ContainerRecord, ExitRecord};
