@@ -1,6 +1,7 @@
 //! keel-cri: the Kubernetes Container Runtime Interface v1 server (RuntimeService, ImageService)
 //! over a unix socket, with a Prometheus metrics endpoint; pods get their network from CNI
-//! plugins. Not yet: the streaming server for exec/attach/port-forward.
+//! plugins, and the streaming server Exec and PortForward point clients at (WebSocket only;
+//! Attach is refused).
 //!
 //! Owns RPC translation only: every decision about images, pods and containers lives in
 //! keel-runtime. The layout follows containerd's `internal/cri/server`: one file per RPC
@@ -16,10 +17,12 @@
 //! | `instrument.rs` | the per-RPC span, metrics and error-to-status layer |
 //! | `error.rs` | [`CriError`] and its gRPC code mapping |
 //! | `image_*.rs` | ImageService RPCs (`image_convert.rs`: record -> CRI `Image`) |
-//! | `runtime_*.rs`, `update_runtime_config.rs` | RuntimeService status/config RPCs; `runtime_unimplemented.rs` answers what keel does not serve (exec/attach/port-forward streaming, checkpoints, metric descriptors) |
+//! | `runtime_*.rs`, `update_runtime_config.rs` | RuntimeService status/config RPCs; `runtime_unimplemented.rs` answers what keel does not serve (checkpoints, metric descriptors) |
 //! | `pod_sandbox_{run,stop,remove,status,list,stats,stats_list}.rs` | the pod sandbox RPCs |
 //! | `pod_convert.rs` | pure: CRI sandbox config -> runtime `PodConfig`, pod record -> CRI messages, filters |
-//! | `container_{create,start,stop,remove,list,status,update,reopen_log,exec_sync,stats,stats_list}.rs` | the container RPCs |
+//! | `container_{create,start,stop,remove,list,status,update,reopen_log,exec_sync,exec,attach,stats,stats_list}.rs` | the container RPCs |
+//! | `pod_sandbox_port_forward.rs` | PortForward: the URL of a port-forward stream |
+//! | `streaming/` | the streaming HTTP server: tokens, the WebSocket channel protocol, exec and port-forward streams |
 //! | `container_convert.rs` | pure: CRI container config (security context, resources, mounts) -> runtime `ContainerConfig`, record -> CRI messages, stats |
 //! | `container_events.rs` | GetContainerEvents: the event broadcast, fed by the RPCs and by an exit watcher |
 //! | `cni_exec.rs` | pod networking: the runtime's `PodNetwork` hook as CNI plugin executions (ADD/DEL, chains, portMappings) |
@@ -32,9 +35,11 @@
 pub mod client;
 mod cni_config;
 mod cni_exec;
+mod container_attach;
 mod container_convert;
 mod container_create;
 mod container_events;
+mod container_exec;
 mod container_exec_sync;
 mod container_list;
 mod container_remove;
@@ -55,6 +60,7 @@ mod image_status;
 mod instrument;
 mod pod_convert;
 mod pod_sandbox_list;
+mod pod_sandbox_port_forward;
 mod pod_sandbox_remove;
 mod pod_sandbox_run;
 mod pod_sandbox_stats;
@@ -67,6 +73,7 @@ mod runtime_unimplemented;
 mod runtime_version;
 pub mod server;
 mod service;
+pub mod streaming;
 mod update_runtime_config;
 
 pub use error::CriError;

@@ -1,5 +1,4 @@
-//! The RuntimeService RPCs keel does not serve (the exec/attach/port-forward streaming server,
-//! checkpoints, metric descriptors): each answers gRPC UNIMPLEMENTED with a message naming the
+//! The RuntimeService RPCs keel does not serve (checkpoints, metric descriptors): each answers gRPC UNIMPLEMENTED with a message naming the
 //! RPC and saying why, never a fake success. Kubelet handles UNIMPLEMENTED for the optional
 //! RPCs (ListMetricDescriptors, ListPodSandboxMetrics) by falling back; `kubectl exec` reports it.
 //!
@@ -12,9 +11,6 @@ use crate::CriError;
 /// Why `rpc` is not served, as the second half of its UNIMPLEMENTED message.
 pub(crate) fn reason(rpc: &str) -> &'static str {
     match rpc {
-        "Exec" | "Attach" | "PortForward" => {
-            "the streaming server (exec, attach, port-forward) is not served yet"
-        }
         "ListMetricDescriptors" | "ListPodSandboxMetrics" => {
             "pod and container metrics are served as stats (ContainerStats, PodSandboxStats)"
         }
@@ -41,10 +37,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_message_names_the_rpc_and_the_reason() {
-        let e = reject::<(), ()>("Exec")(()).await.unwrap_err();
+        let e = reject::<(), ()>("ListMetricDescriptors")(())
+            .await
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "Exec: the streaming server (exec, attach, port-forward) is not served yet"
+            "ListMetricDescriptors: pod and container metrics are served as stats (ContainerStats, PodSandboxStats)"
         );
         assert_eq!(e.code(), tonic::Code::Unimplemented);
         let e = reject::<(), ()>("CheckpointContainer")(())

@@ -1,6 +1,6 @@
 //! Runs the CRI endpoint: opens the image store and the pod and container runtime, binds the unix socket (0660, stale sockets
 //! replaced, a live one refused), serves RuntimeService and ImageService on it with tonic, serves
-//! Prometheus metrics over HTTP, and on shutdown stops accepting, gives in-flight RPCs
+//! Prometheus metrics over HTTP, runs the streaming server (exec, port-forward), and on shutdown stops accepting, gives in-flight RPCs
 //! [`DRAIN_TIMEOUT`] to finish and removes the socket.
 //!
 //! It owns process-level plumbing only: RPC behaviour lives in the per-RPC files, metrics in
@@ -29,6 +29,7 @@ use crate::client::MAX_MESSAGE_SIZE;
 use crate::container_events;
 use crate::instrument::Metrics;
 use crate::service::{CriService, Settings};
+use crate::streaming::{self, Streaming};
 
 /// Default socket path (kubelet: `--container-runtime-endpoint=unix:///run/keel/keel.sock`).
 pub const DEFAULT_SOCKET: &str = "/run/keel/keel.sock";
@@ -53,6 +54,9 @@ pub struct ServerConfig {
     pub run_dir: PathBuf,
     /// cgroup parent of pods that name none (relative to each hierarchy's root).
     pub cgroup_parent: String,
+    /// Where the streaming server (exec, port-forward) listens; port 0 picks a free one.
+    /// Default [`crate::streaming::DEFAULT_ADDRESS`].
+    pub stream_address: SocketAddr,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -77,6 +81,12 @@ pub enum ServerError {
     NotASocket { path: PathBuf },
     #[error("open pod and container state under {root}: {reason}")]
     Runtime { root: PathBuf, reason: String },
+    #[error("streaming server {addr}: {source}")]
+    Streaming {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -132,6 +142,16 @@ pub async fn serve(
         None => None,
     };
 
+    let stream_err = |source| ServerError::Streaming {
+        addr: config.stream_address,
+        source,
+    };
+    let stream_listener = tokio::net::TcpListener::bind(config.stream_address)
+        .await
+        .map_err(stream_err)?;
+    let stream_local = stream_listener.local_addr().map_err(stream_err)?;
+    tracing::info!(address = %stream_local, "streaming server (exec, port-forward) on http://{stream_local}");
+
     let (listener, _socket) = bind_socket(&config.socket)?;
     let svc = Arc::new(CriService::new(
         images,
@@ -145,6 +165,12 @@ pub async fn serve(
             metrics_address: config.metrics_address,
             registry: config.registry.clone(),
         },
+        Streaming::new(stream_local),
+    ));
+    let streaming_task = tokio::spawn(streaming::serve(
+        stream_listener,
+        Arc::clone(&svc),
+        stop_rx.clone(),
     ));
     let events_task = tokio::spawn(container_events::watch(Arc::clone(&svc), stop_rx.clone()));
     let runtime = RuntimeServiceServer::from_arc(Arc::clone(&svc))
@@ -183,6 +209,7 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     let _ = events_task.await;
+    let _ = streaming_task.await;
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -20,13 +20,15 @@ use crate::api::image_service_server::ImageService;
 use crate::api::runtime_service_server::RuntimeService;
 use crate::instrument::{Metrics, unary};
 use crate::runtime_unimplemented::reject;
+use crate::streaming::Streaming;
 use crate::{
-    CriError, container_create, container_events, container_exec_sync, container_list,
-    container_remove, container_reopen_log, container_start, container_stats, container_stats_list,
-    container_status, container_stop, container_update, image_fs_info, image_list, image_pull,
-    image_remove, image_status, pod_sandbox_list, pod_sandbox_remove, pod_sandbox_run,
-    pod_sandbox_stats, pod_sandbox_stats_list, pod_sandbox_status, pod_sandbox_stop,
-    runtime_config, runtime_status, runtime_version, update_runtime_config,
+    CriError, container_attach, container_create, container_events, container_exec,
+    container_exec_sync, container_list, container_remove, container_reopen_log, container_start,
+    container_stats, container_stats_list, container_status, container_stop, container_update,
+    image_fs_info, image_list, image_pull, image_remove, image_status, pod_sandbox_list,
+    pod_sandbox_port_forward, pod_sandbox_remove, pod_sandbox_run, pod_sandbox_stats,
+    pod_sandbox_stats_list, pod_sandbox_status, pod_sandbox_stop, runtime_config, runtime_status,
+    runtime_version, update_runtime_config,
 };
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -60,6 +62,8 @@ pub(crate) struct CriService {
     pub metrics: Metrics,
     pub settings: Settings,
     pub events: Arc<container_events::Events>,
+    /// The streaming server's tokens and address (Exec, PortForward URLs).
+    pub streaming: Streaming,
     locks: Locks,
     /// Pod CIDRs from the last UpdateRuntimeConfig (kubelet sends the node's `spec.podCIDRs`).
     pod_cidrs: RwLock<Vec<String>>,
@@ -91,13 +95,20 @@ impl Locks {
 }
 
 impl CriService {
-    pub fn new(images: ImageStore, pods: PodRuntime, metrics: Metrics, settings: Settings) -> Self {
+    pub fn new(
+        images: ImageStore,
+        pods: PodRuntime,
+        metrics: Metrics,
+        settings: Settings,
+        streaming: Streaming,
+    ) -> Self {
         CriService {
             images,
             pods,
             metrics,
             settings,
             events: Arc::default(),
+            streaming,
             locks: Locks::default(),
             pod_cidrs: RwLock::default(),
             cpu_samples: Mutex::default(),
@@ -371,18 +382,24 @@ impl RuntimeService for CriService {
     }
 
     async fn exec(&self, r: Request<api::ExecRequest>) -> Rpc<api::ExecResponse> {
-        unary(&self.metrics, "Exec", r, reject("Exec")).await
+        unary(&self.metrics, "Exec", r, |r| container_exec::exec(self, r)).await
     }
 
     async fn attach(&self, r: Request<api::AttachRequest>) -> Rpc<api::AttachResponse> {
-        unary(&self.metrics, "Attach", r, reject("Attach")).await
+        unary(&self.metrics, "Attach", r, |r| {
+            container_attach::attach(self, r)
+        })
+        .await
     }
 
     async fn port_forward(
         &self,
         r: Request<api::PortForwardRequest>,
     ) -> Rpc<api::PortForwardResponse> {
-        unary(&self.metrics, "PortForward", r, reject("PortForward")).await
+        unary(&self.metrics, "PortForward", r, |r| {
+            pod_sandbox_port_forward::port_forward(self, r)
+        })
+        .await
     }
 
     async fn container_stats(

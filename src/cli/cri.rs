@@ -41,6 +41,10 @@ pub struct CriArgs {
     /// cgroup parent of pods whose sandbox config names none (kubelet always names one).
     #[arg(long, value_name = "PATH", default_value = "keel")]
     pub cgroup_parent: String,
+    /// Serve the streaming server (the URLs Exec and PortForward answer; WebSocket, no SPDY)
+    /// on IP:PORT; port 0 picks a free one. Loopback by default: kubelet connects from the node.
+    #[arg(long, value_name = "ADDR", default_value = keel_cri::streaming::DEFAULT_ADDRESS)]
+    pub stream_address: SocketAddr,
 }
 
 pub fn run(root: &Path, config: &Config, args: CriArgs) -> anyhow::Result<ExitCode> {
@@ -58,6 +62,7 @@ pub fn run(root: &Path, config: &Config, args: CriArgs) -> anyhow::Result<ExitCo
             .or_else(|| std::env::var_os("KEEL_RUN_DIR").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("/run/keel/containers")),
         cgroup_parent: args.cgroup_parent,
+        stream_address: args.stream_address,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
