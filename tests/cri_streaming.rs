@@ -1,0 +1,527 @@
+//! End-to-end tests of `keel cri`'s streaming server: Exec and PortForward answer a URL, and a
+//! WebSocket client (what kubectl >= 1.30 speaks) connected to it runs a command with stdin,
+//! reads its exit status, and forwards bytes to a port in the pod. The daemon runs inside a
+//! network namespace the test makes (as in tests/cri_pods.rs), so the streaming server's
+//! 127.0.0.1 is that namespace's: the client's TCP connections are made from a thread that
+//! entered it. Privileged (root): namespaces, mounts, cgroups.
+//!
+//! Needs `target/debug/keel-cni` (`cargo build -p keel-cni`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use keel_cri::api;
+use keel_cri::api::runtime_service_client::RuntimeServiceClient;
+use keel_cri::tonic::transport::Channel;
+use keel_testkit::image_builder::{MediaTypes, Variant, build_cached, single_expect};
+use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, privileged};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+const IMAGE: &str = "example.com/keel/busybox:v1";
+
+type Client = RuntimeServiceClient<Channel>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+fn keel_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keel"))
+}
+
+/// A node as in tests/cri_pods.rs: a network namespace, a cgroup parent, a state root with
+/// the image and keel-cni, and a `keel cri` inside the namespace. Drop kills the daemon and
+/// removes every pod and container left, the cgroups, the namespace and the state root.
+struct Node {
+    child: Option<Child>,
+    cgroup: Option<CgroupGuard>,
+    netns: Option<NetnsGuard>,
+    state: Option<StateRoot>,
+}
+
+impl Node {
+    fn new() -> Node {
+        let plugin = keel_bin().with_file_name("keel-cni");
+        assert!(
+            plugin.is_file(),
+            "{} is missing: run `cargo build -p keel-cni` first",
+            plugin.display()
+        );
+        let node = Node {
+            child: None,
+            cgroup: Some(CgroupGuard::new().unwrap()),
+            netns: Some(NetnsGuard::new().unwrap()),
+            state: Some(StateRoot::new().unwrap()),
+        };
+        let tar = node.root().join("busybox.tar");
+        build_cached(Variant::Single, MediaTypes::Oci)
+            .unwrap()
+            .write_oci_archive(&tar, IMAGE)
+            .unwrap();
+        node.keel_ok(&["image", "import", tar.to_str().unwrap()]);
+        node.install_cni("10.203.0.0/24");
+        node
+    }
+
+    fn root(&self) -> &Path {
+        self.state.as_ref().unwrap().path()
+    }
+    fn conf_dir(&self) -> PathBuf {
+        self.root().join("cni/net.d")
+    }
+    fn bin_dir(&self) -> PathBuf {
+        self.root().join("cni/bin")
+    }
+    fn socket(&self) -> PathBuf {
+        self.root().join("keel.sock")
+    }
+    fn run_dir(&self) -> PathBuf {
+        self.root().join("run/containers")
+    }
+    fn netns_path(&self) -> PathBuf {
+        self.netns.as_ref().unwrap().path()
+    }
+    fn log(&self) -> PathBuf {
+        self.root().join("keel-cri.log")
+    }
+
+    fn keel(&self, args: &[&str]) -> std::process::Output {
+        Command::new(keel_bin())
+            .arg("--root")
+            .arg(self.root())
+            .args(args)
+            .env_remove("KEEL_CONFIG")
+            .env("KEEL_RUN_DIR", self.run_dir())
+            .output()
+            .unwrap()
+    }
+
+    fn keel_ok(&self, args: &[&str]) -> String {
+        let out = self.keel(args);
+        assert!(
+            out.status.success(),
+            "keel {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn install_cni(&self, subnet: &str) {
+        std::fs::create_dir_all(self.conf_dir()).unwrap();
+        self.keel_ok(&[
+            "cni",
+            "install",
+            "--bin-dir",
+            self.bin_dir().to_str().unwrap(),
+            "--conf-dir",
+            self.conf_dir().to_str().unwrap(),
+            "--network",
+            "keelstream",
+            "--bridge",
+            "kbr0",
+            "--subnet",
+            subnet,
+            "--no-masquerade",
+        ]);
+        let file = std::fs::read_dir(self.conf_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "conflist"))
+            .expect("keel cni install wrote a conflist");
+        let mut list: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        list["plugins"][0]["ipam"]["dataDir"] =
+            serde_json::json!(self.root().join("ipam").to_str().unwrap());
+        std::fs::write(&file, list.to_string()).unwrap();
+    }
+
+    async fn start(&mut self) -> Client {
+        let log = std::fs::File::create(self.log()).unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path().display()))
+            .arg("--")
+            .arg(keel_bin())
+            .arg("--root")
+            .arg(self.root())
+            .args(["--log", "keel_cri=debug,info", "cri", "--socket"])
+            .arg(self.socket())
+            .arg("--cni-conf-dir")
+            .arg(self.conf_dir())
+            .arg("--cni-bin-dir")
+            .arg(self.bin_dir())
+            .args(["--metrics-address", ""])
+            .args(["--stream-address", "127.0.0.1:0"])
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--cgroup-parent")
+            .arg(self.cgroup.as_ref().unwrap().name())
+            .env_remove("KEEL_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(channel) = keel_cri::client::connect(&self.socket()).await {
+                return keel_cri::client::clients(channel).0;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keel cri exited with {status}:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "keel cri did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("keel cri log:\n{}", self.log_text());
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let ids = self.keel(&["pod", "ls", "-q"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.keel(&["pod", "rm", "-f", id]);
+        }
+        let ids = self.keel(&["ctr", "ls", "-a", "-q"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.keel(&["ctr", "rm", "-f", id]);
+        }
+        let parent = self.cgroup.as_ref().unwrap().name().to_owned();
+        drop(self.cgroup.take());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for l in mounts.lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2") {
+                keel_testkit::cgroup::remove_tree(&Path::new(f[1]).join(&parent));
+            }
+        }
+        drop(self.netns.take());
+        drop(self.state.take());
+    }
+}
+
+fn pod_config(name: &str, log_dir: &Path) -> api::PodSandboxConfig {
+    api::PodSandboxConfig {
+        metadata: Some(api::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.join(name).to_str().unwrap().into(),
+        ..Default::default()
+    }
+}
+
+fn ctr_config(name: &str, cmd: &[&str]) -> api::ContainerConfig {
+    api::ContainerConfig {
+        metadata: Some(api::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(api::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}/0.log"),
+        ..Default::default()
+    }
+}
+
+async fn run_container(rt: &mut Client, pod: &str, name: &str, cmd: &[&str]) -> String {
+    let id = rt
+        .create_container(api::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(ctr_config(name, cmd)),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(api::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    id
+}
+
+/// Opens a TCP connection to `addr` from inside the namespace at `netns` (a thread enters it
+/// and ends; the socket stays in the namespace it was made in).
+async fn tcp_in(netns: &Path, addr: String) -> tokio::net::TcpStream {
+    let netns = netns.to_owned();
+    let conn = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).unwrap();
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&ns),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        let conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_nonblocking(true).unwrap();
+        conn
+    })
+    .join()
+    .unwrap();
+    tokio::net::TcpStream::from_std(conn).unwrap()
+}
+
+/// Upgrades to a WebSocket at `url` offering `protocol`; Err carries the HTTP refusal.
+async fn ws_connect(netns: &Path, url: &str, protocol: &str) -> Result<Ws, WsError> {
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let host = ws_url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    let mut req = ws_url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let tcp = tcp_in(netns, host).await;
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await?;
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some(protocol)
+    );
+    Ok(ws)
+}
+
+/// Reads messages until the server closes: the data per channel.
+async fn read_all(ws: &mut Ws) -> std::collections::BTreeMap<u8, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::<u8, Vec<u8>>::new();
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Binary(d)) if !d.is_empty() => {
+                    out.entry(d[0]).or_default().extend_from_slice(&d[1..]);
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the exec stream ended within 30 s");
+    out
+}
+
+fn status_of(out: &std::collections::BTreeMap<u8, Vec<u8>>) -> serde_json::Value {
+    serde_json::from_slice(out.get(&3).expect("a status on channel 3")).unwrap()
+}
+
+fn assert_refused(r: Result<Ws, WsError>, code: u16) {
+    match r {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status().as_u16(), code),
+        Err(e) => panic!("want HTTP {code}, got {e}"),
+        Ok(_) => panic!("want HTTP {code}, got a WebSocket"),
+    }
+}
+
+async fn exec_url(rt: &mut Client, id: &str, cmd: &[&str], stdin: bool) -> String {
+    rt.exec(api::ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: false,
+        stdin,
+        stdout: true,
+        stderr: true,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_port_forward_over_the_streaming_server() {
+    if !privileged("exec_and_port_forward_over_the_streaming_server") {
+        return;
+    }
+    let mut node = Node::new();
+    let mut rt = node.start().await;
+    let netns = node.netns_path();
+    let logs = node.root().join("logs");
+    let pod = rt
+        .run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(pod_config("stream", &logs)),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let sleeper = run_container(&mut rt, &pod, "sleeper", &["sleep", "3600"]).await;
+    let _web = run_container(
+        &mut rt,
+        &pod,
+        "web",
+        &["httpd", "-f", "-p", "8080", "-h", "/var/www"],
+    )
+    .await;
+
+    // exec cat with stdin (v5: stdin is closed with a CLOSE message), output and status 0.
+    let url = exec_url(&mut rt, &sleeper, &["cat"], true).await;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let mut ws = ws_connect(&netns, &url, "v5.channel.k8s.io").await.unwrap();
+    let input = b"hello through the streaming server\n".repeat(100);
+    for chunk in input.chunks(1000) {
+        let mut m = vec![0u8];
+        m.extend_from_slice(chunk);
+        ws.send(Message::binary(m)).await.unwrap();
+    }
+    ws.send(Message::binary(vec![255u8, 0])).await.unwrap();
+    let out = read_all(&mut ws).await;
+    assert_eq!(out.get(&1).map(Vec::as_slice), Some(&input[..]));
+    assert_eq!(status_of(&out)["status"], "Success", "{out:?}");
+
+    // The token was single-use; a made-up one is unknown too.
+    assert_refused(ws_connect(&netns, &url, "v5.channel.k8s.io").await, 404);
+    let bogus = format!("{}/exec/bogus", url.rsplitn(3, '/').nth(2).unwrap());
+    assert_refused(ws_connect(&netns, &bogus, "v4.channel.k8s.io").await, 404);
+
+    // A non-zero exit is a Failure with the ExitCode cause (v4), stderr on channel 2.
+    let url = exec_url(
+        &mut rt,
+        &sleeper,
+        &["sh", "-c", "echo oops >&2; exit 3"],
+        false,
+    )
+    .await;
+    let mut ws = ws_connect(&netns, &url, "v4.channel.k8s.io").await.unwrap();
+    let out = read_all(&mut ws).await;
+    assert_eq!(out.get(&2).map(Vec::as_slice), Some(&b"oops\n"[..]));
+    let status = status_of(&out);
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert_eq!(status["details"]["causes"][0]["reason"], "ExitCode");
+    assert_eq!(status["details"]["causes"][0]["message"], "3");
+
+    // A tty is refused at the RPC, Attach too (keel keeps no stdio of a container).
+    let e = rt
+        .exec(api::ExecRequest {
+            container_id: sleeper.clone(),
+            cmd: vec!["sh".into()],
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), keel_cri::tonic::Code::InvalidArgument, "{e:?}");
+    let e = rt
+        .attach(api::AttachRequest {
+            container_id: sleeper.clone(),
+            stdin: false,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), keel_cri::tonic::Code::FailedPrecondition, "{e:?}");
+
+    // Port-forward to httpd on the pod's loopback: the port on both channels first, then
+    // the HTTP answer on the data channel. httpd may still be starting: retry a little.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let url = rt
+            .port_forward(api::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        assert!(url.contains("/portforward/"), "{url}");
+        let mut ws = ws_connect(&netns, &format!("{url}?port=8080"), "v4.channel.k8s.io")
+            .await
+            .unwrap();
+        let mut data = Vec::new();
+        let mut error = Vec::new();
+        let mut sent = false;
+        let read = async {
+            while let Some(Ok(msg)) = ws.next().await {
+                let Message::Binary(d) = msg else { continue };
+                match d[0] {
+                    0 => data.extend_from_slice(&d[1..]),
+                    1 => error.extend_from_slice(&d[1..]),
+                    _ => {}
+                }
+                if !sent && data.len() >= 2 && error.len() >= 2 {
+                    assert_eq!(&data[..2], &8080u16.to_le_bytes());
+                    assert_eq!(&error[..2], &8080u16.to_le_bytes());
+                    let mut m = vec![0u8];
+                    m.extend_from_slice(b"GET /index.html HTTP/1.0\r\n\r\n");
+                    ws.send(Message::binary(m)).await.unwrap();
+                    sent = true;
+                }
+                if error.len() > 2 || String::from_utf8_lossy(&data).contains("</html>") {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+        let _ = ws.close(None).await;
+        if error.len() <= 2 && !data.is_empty() {
+            break String::from_utf8_lossy(&data[2..]).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port-forward failed: {}",
+            String::from_utf8_lossy(&error)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(answer.starts_with("HTTP/1."), "{answer}");
+    assert!(
+        answer.contains(single_expect::INDEX_HTML_CONTENT.trim()),
+        "{answer}"
+    );
+
+    // A port nothing listens on: the error channel says so.
+    let url = rt
+        .port_forward(api::PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![8081],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut ws = ws_connect(&netns, &url, "v4.channel.k8s.io").await.unwrap();
+    let mut error = Vec::new();
+    let read = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Binary(d) = msg
+                && d.first() == Some(&1)
+            {
+                error.extend_from_slice(&d[1..]);
+                if error.len() > 2 {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let text = String::from_utf8_lossy(&error[2..]).into_owned();
+    assert!(text.contains("8081"), "{text}");
+}
