@@ -1,6 +1,7 @@
 //! End-to-end tests of `keel cri`'s streaming server: Exec and PortForward answer a URL, and a
 //! WebSocket client (what kubectl >= 1.30 speaks) connected to it runs a command with stdin,
-//! reads its exit status, and forwards bytes to a port in the pod. The daemon runs inside a
+//! reads its exit status, follows a container's output (attach), and forwards bytes to a port
+//! in the pod. The daemon runs inside a
 //! network namespace the test makes (as in tests/cri_pods.rs), so the streaming server's
 //! 127.0.0.1 is that namespace's: the client's TCP connections are made from a thread that
 //! entered it. Privileged (root): namespaces, mounts, cgroups.
@@ -351,8 +352,8 @@ async fn exec_url(rt: &mut Client, id: &str, cmd: &[&str], stdin: bool) -> Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_and_port_forward_over_the_streaming_server() {
-    if !privileged("exec_and_port_forward_over_the_streaming_server") {
+async fn exec_attach_and_port_forward_over_the_streaming_server() {
+    if !privileged("exec_attach_and_port_forward_over_the_streaming_server") {
         return;
     }
     let mut node = Node::new();
@@ -413,7 +414,7 @@ async fn exec_and_port_forward_over_the_streaming_server() {
     assert_eq!(status["details"]["causes"][0]["reason"], "ExitCode");
     assert_eq!(status["details"]["causes"][0]["message"], "3");
 
-    // A tty is refused at the RPC, Attach too (keel keeps no stdio of a container).
+    // A tty is refused at the RPC; so is attach with stdin (keel keeps no container stdin).
     let e = rt
         .exec(api::ExecRequest {
             container_id: sleeper.clone(),
@@ -426,17 +427,48 @@ async fn exec_and_port_forward_over_the_streaming_server() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), keel_cri::tonic::Code::InvalidArgument, "{e:?}");
-    let e = rt
-        .attach(api::AttachRequest {
-            container_id: sleeper.clone(),
-            stdin: false,
-            tty: false,
-            stdout: true,
-            stderr: true,
-        })
-        .await
-        .unwrap_err();
+    let attach = |container_id: String, stdin: bool| api::AttachRequest {
+        container_id,
+        stdin,
+        tty: false,
+        stdout: true,
+        stderr: true,
+    };
+    let e = rt.attach(attach(sleeper.clone(), true)).await.unwrap_err();
     assert_eq!(e.code(), keel_cri::tonic::Code::FailedPrecondition, "{e:?}");
+
+    // Attach for output: what the container writes from now on, by stream, until it exits.
+    let talker = run_container(
+        &mut rt,
+        &pod,
+        "talker",
+        &[
+            "sh",
+            "-c",
+            "sleep 2; echo out1; echo err1 >&2; sleep 1; echo out2",
+        ],
+    )
+    .await;
+    let url = rt
+        .attach(attach(talker.clone(), false))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    assert!(url.contains("/attach/"), "{url}");
+    let mut ws = ws_connect(&netns, &url, "v5.channel.k8s.io").await.unwrap();
+    let out = read_all(&mut ws).await;
+    assert_eq!(
+        out.get(&1).map(Vec::as_slice),
+        Some(&b"out1\nout2\n"[..]),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.get(&2).map(Vec::as_slice),
+        Some(&b"err1\n"[..]),
+        "{out:?}"
+    );
+    assert_eq!(status_of(&out)["status"], "Success", "{out:?}");
 
     // Port-forward to httpd on the pod's loopback: the port on both channels first, then
     // the HTTP answer on the data channel. httpd may still be starting: retry a little.

@@ -1,18 +1,32 @@
-//! Attach: refused with FailedPrecondition. A keel container's stdin is /dev/null and its
-//! stdout and stderr go to its monitor, which writes the CRI log file and keeps no stream to
-//! attach to; reading output is `crictl logs -f` (ContainerStatus' log path). Checked first:
-//! the container exists (NotFound otherwise).
+//! Attach: the streaming server's URL for the container's output. keel keeps no stdio stream
+//! of a running container (its stdin is /dev/null, its output goes to the monitor, which
+//! writes the CRI log file), so stdin and tty are refused with FailedPrecondition and output
+//! is the log file followed from the moment of attaching (`streaming/attach.rs`).
 
 use crate::container_start::existing_container;
 use crate::service::CriService;
+use crate::streaming::Pending;
 use crate::{CriError, api};
 
 pub(crate) async fn attach(
     svc: &CriService,
-    req: api::AttachRequest,
+    mut req: api::AttachRequest,
 ) -> Result<api::AttachResponse, CriError> {
     let (id, _) = existing_container(svc, &req.container_id).await?;
-    Err(CriError::FailedPrecondition(format!(
-        "attach to container {id}: keel keeps no stdio stream of a running container (stdin is /dev/null, output goes to the log file); use the container log (crictl logs -f) or exec"
-    )))
+    if req.stdin || req.tty {
+        return Err(CriError::FailedPrecondition(format!(
+            "attach to container {id} with stdin or tty: keel keeps no stdin or terminal of a running container (stdin is /dev/null); attach for output only, or exec"
+        )));
+    }
+    if !(req.stdout || req.stderr) {
+        return Err(CriError::invalid(
+            "stdout, stderr",
+            "one of them must be set",
+        ));
+    }
+    req.container_id = id;
+    let url = svc.streaming.url(Pending::Attach(req)).ok_or_else(|| {
+        CriError::FailedPrecondition("too many streaming requests wait for their connection".into())
+    })?;
+    Ok(api::AttachResponse { url })
 }

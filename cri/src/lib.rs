@@ -1,7 +1,7 @@
 //! keel-cri: the Kubernetes Container Runtime Interface v1 server (RuntimeService, ImageService)
 //! over a unix socket, with a Prometheus metrics endpoint; pods get their network from CNI
-//! plugins, and the streaming server Exec and PortForward point clients at (WebSocket only;
-//! Attach is refused).
+//! plugins, and the streaming server Exec, Attach and PortForward point clients at (WebSocket
+//! only; attach is output only).
 //!
 //! Owns RPC translation only: every decision about images, pods and containers lives in
 //! keel-runtime. The layout follows containerd's `internal/cri/server`: one file per RPC
@@ -22,7 +22,7 @@
 //! | `pod_convert.rs` | pure: CRI sandbox config -> runtime `PodConfig`, pod record -> CRI messages, filters |
 //! | `container_{create,start,stop,remove,list,status,update,reopen_log,exec_sync,exec,attach,stats,stats_list}.rs` | the container RPCs |
 //! | `pod_sandbox_port_forward.rs` | PortForward: the URL of a port-forward stream |
-//! | `streaming/` | the streaming HTTP server: tokens, the WebSocket channel protocol, exec and port-forward streams |
+//! | `streaming/` | the streaming HTTP server: tokens, the WebSocket channel protocol, exec, attach and port-forward streams |
 //! | `container_convert.rs` | pure: CRI container config (security context, resources, mounts) -> runtime `ContainerConfig`, record -> CRI messages, stats |
 //! | `container_events.rs` | GetContainerEvents: the event broadcast, fed by the RPCs and by an exit watcher |
 //! | `cni_exec.rs` | pod networking: the runtime's `PodNetwork` hook as CNI plugin executions (ADD/DEL, chains, portMappings) |

@@ -5,11 +5,13 @@
 //! protocols ([`channel`]).
 //!
 //! Served: exec without a tty (stdin, stdout, stderr, exit status; `v4`/`v5.channel.k8s.io`),
-//! port-forward to ports on the pod's loopback (`v4.channel.k8s.io`). Not served: SPDY (what
-//! kubelet and crictl before Kubernetes 1.30 speak), tty exec, attach (keel keeps no stdin
-//! of a container: the Attach RPC says so). The WebSocket framing is tokio-tungstenite's, the
+//! attach for output only (the container's log followed), port-forward to ports on the pod's
+//! loopback (`v4.channel.k8s.io`). Not served: SPDY (what kubelet speaks to the runtime and
+//! crictl's default), tty, attach with stdin (keel keeps no stdin of a container: the Attach
+//! RPC says so). The WebSocket framing is tokio-tungstenite's, the
 //! HTTP server hyper's; only the routing and the channel protocol are written here.
 
+mod attach;
 pub(crate) mod channel;
 mod exec;
 mod port_forward;
@@ -42,6 +44,7 @@ pub const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
 #[derive(Debug)]
 pub(crate) enum Pending {
     Exec(api::ExecRequest),
+    Attach(api::AttachRequest),
     PortForward(api::PortForwardRequest),
 }
 
@@ -63,6 +66,7 @@ impl Streaming {
     pub fn url(&self, req: Pending) -> Option<String> {
         let kind = match req {
             Pending::Exec(_) => "exec",
+            Pending::Attach(_) => "attach",
             Pending::PortForward(_) => "portforward",
         };
         let token = self.tokens.insert(req)?;
@@ -166,6 +170,7 @@ fn route(svc: Arc<CriService>, mut req: Request<Incoming>) -> Response<Full<Byte
     let pending = match (kind, svc.streaming.tokens.take(token)) {
         (_, None) => return plain(StatusCode::NOT_FOUND, "unknown or expired token"),
         ("exec", Some(p @ Pending::Exec(_)))
+        | ("attach", Some(p @ Pending::Attach(_)))
         | ("portforward", Some(p @ Pending::PortForward(_))) => p,
         _ => return plain(StatusCode::NOT_FOUND, "token is for another endpoint"),
     };
@@ -184,6 +189,10 @@ fn route(svc: Arc<CriService>, mut req: Request<Incoming>) -> Response<Full<Byte
             Pending::Exec(r) => {
                 let span = tracing::info_span!("exec", container = %r.container_id, %protocol);
                 exec::serve(svc, r, ws).instrument(span).await
+            }
+            Pending::Attach(r) => {
+                let span = tracing::info_span!("attach", container = %r.container_id, %protocol);
+                attach::serve(svc, r, ws).instrument(span).await
             }
             Pending::PortForward(r) => {
                 let span = tracing::info_span!("port_forward", pod = %r.pod_sandbox_id);
