@@ -3,7 +3,7 @@
 //! the server first sends the port (uint16, little endian) on both, then connects to
 //! `127.0.0.1:PORT` inside the pod's network namespace and pipes bytes between the data
 //! channel and the connection. A connection that fails is reported as text on the error
-//! channel. Connections live as long as the WebSocket.
+//! channel. The WebSocket closes when the client leaves or every port's connection ended.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,11 +83,19 @@ pub(super) async fn serve(
         }
     }
 
-    while let Some(Ok(msg)) = stream.next().await {
+    // As kubelet: the stream ends when the client leaves or every port's connection has
+    // ended (the pod side closed it, or it could not be made).
+    let aborts: Vec<_> = readers.iter().map(|r| r.abort_handle()).collect();
+    let mut all_done = futures::future::join_all(readers);
+    loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = &mut all_done => break,
+        };
         let data = match msg {
-            Message::Binary(d) => d,
-            Message::Close(_) => break,
-            _ => continue,
+            Some(Ok(Message::Binary(d))) => d,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Ok(_)) => continue,
         };
         let Some((&ch, payload)) = data.split_first() else {
             continue;
@@ -104,8 +112,8 @@ pub(super) async fn serve(
             *slot = None;
         }
     }
-    for r in readers {
-        r.abort();
+    for a in aborts {
+        a.abort();
     }
     drop(conns);
     drop(tx);
