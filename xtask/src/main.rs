@@ -5,6 +5,7 @@
 
 mod bench_api;
 mod bench_cni;
+mod bench_cri;
 mod bench_images;
 mod bench_proxy;
 mod bench_runtime;
@@ -66,6 +67,8 @@ enum Bench {
     Images,
     /// CNI ADD+DEL latency: keel-cni vs the reference bridge + host-local plugins.
     Cni,
+    /// CRI pod start p50/p99 (sequential, burst), daemon RSS, per-pod memory: keel vs containerd 1.6.
+    Cri,
     /// Container lifecycle and pod sandbox latency, idle monitor RSS: keel vs runc.
     Runtime,
     /// Service load balancing: keel's socket LB vs kube-proxy's iptables rules (1..10,000 services).
@@ -85,6 +88,7 @@ fn main() -> anyhow::Result<()> {
                 Bench::Api => bench_api::run(),
                 Bench::Images => bench_images::run(),
                 Bench::Cni => bench_cni::run(),
+                Bench::Cri => bench_cri::run(),
                 Bench::Runtime => bench_runtime::run(),
                 Bench::Proxy => bench_proxy::run(),
                 Bench::Scheduler => bench_scheduler::run(),
