@@ -27,6 +27,10 @@ fn main() -> std::process::ExitCode {
         ("shared_pid_namespace", shared_pid_namespace),
         ("host_network_pod", host_network_pod),
         (
+            "pods_sharing_a_given_cgroup_parent_leave_each_other_alone",
+            pods_sharing_a_given_cgroup_parent_leave_each_other_alone,
+        ),
+        (
             "network_hook_is_called_once_each_way",
             network_hook_is_called_once_each_way,
         ),
@@ -303,6 +307,42 @@ impl PodNetwork for RecordingNetwork {
             .push(format!("teardown {}", pod.id));
         Ok(())
     }
+}
+
+/// Two pods given one cgroup parent (as a caller may do; kubelet gives one a pod): removing the
+/// first leaves the second's running container and the parent alone; removing the second
+/// removes the parent, which nothing uses any more.
+fn pods_sharing_a_given_cgroup_parent_leave_each_other_alone() -> anyhow::Result<()> {
+    let t = PodEnv::new()?;
+    let shared = format!("{}/shared", t.env.cgroup_parent);
+    let cfg = PodConfig {
+        cgroup_parent: Some(shared.clone()),
+        ..PodConfig::default()
+    };
+    let first = t.pods.run(&cfg, &LoopbackOnly)?;
+    let second = t.pods.run(&cfg, &LoopbackOnly)?;
+    let ctr = t.run_in(&second, "sleep 600")?;
+    let ctr_dirs: Vec<PathBuf> = container_common::cgroup_roots()
+        .into_iter()
+        .map(|root| root.join(&shared).join(&ctr))
+        .filter(|d| d.is_dir())
+        .collect();
+    ensure!(
+        !ctr_dirs.is_empty(),
+        "the container has no cgroup under {shared}"
+    );
+    t.pods.remove(&first, &LoopbackOnly)?;
+    for dir in &ctr_dirs {
+        ensure!(dir.is_dir(), "{} went with the other pod", dir.display());
+    }
+    let (code, lines) = t.run_to_exit(&second, "echo alive")?;
+    ensure!(code == 0 && lines == ["alive"], "{code} {lines:?}");
+    t.pods.remove(&second, &LoopbackOnly)?;
+    for root in container_common::cgroup_roots() {
+        let dir = root.join(&shared);
+        ensure!(!dir.exists(), "{} left behind", dir.display());
+    }
+    Ok(())
 }
 
 fn ensure_eq(a: &serde_json::Value, b: &serde_json::Value) -> Result<(), NetworkError> {

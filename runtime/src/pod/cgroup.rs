@@ -119,6 +119,29 @@ pub fn remove(rel: &str) -> Result<(), PodError> {
     Ok(())
 }
 
+/// Removes a cgroup the caller named (kubelet's per-pod `cgroup_parent`): only if nothing else
+/// lives in it. Other pods' containers may share a parent the caller gave, and the caller owns
+/// the parent itself; a parent with child cgroups or tasks is left alone, never emptied.
+pub fn remove_if_unused(rel: &str) -> Result<(), PodError> {
+    for root in hierarchy_roots() {
+        let dir = root.join(rel);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let has_children = rd
+            .flatten()
+            .any(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+        let has_tasks = std::fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| !procs.trim().is_empty());
+        if has_children || has_tasks {
+            tracing::debug!(cgroup = %dir.display(), "cgroup parent still in use; left in place");
+            continue;
+        }
+        remove_dir(&dir)?;
+    }
+    Ok(())
+}
+
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;

@@ -55,7 +55,13 @@ impl PodRuntime {
                 .map_err(PodError::from)?;
         }
         if let Some(r) = rec {
-            cgroup::remove(&r.cgroup_parent)?;
+            // A cgroup we named (`<parent>/pod-<id>`) is ours to remove whole; one the caller
+            // named may hold other pods' containers.
+            if r.config.cgroup_parent.is_some() {
+                cgroup::remove_if_unused(&r.cgroup_parent)?;
+            } else {
+                cgroup::remove(&r.cgroup_parent)?;
+            }
         }
         fsutil::remove_dir_all_if_exists(&self.paths.run_dir(id))?;
         fsutil::remove_dir_all_if_exists(&self.paths.dir(id))?;
