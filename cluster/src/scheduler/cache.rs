@@ -177,6 +177,17 @@ impl NodeInfo {
         }
     }
 
+    /// Whether filters and scores see the two as the same node.
+    fn same_schedulability(&self, other: &NodeInfo) -> bool {
+        self.labels == other.labels
+            && self.taints == other.taints
+            && self.ready == other.ready
+            && self.unschedulable == other.unschedulable
+            && self.alloc_cpu_milli == other.alloc_cpu_milli
+            && self.alloc_memory == other.alloc_memory
+            && self.alloc_pods == other.alloc_pods
+    }
+
     fn add(&mut self, n: &Needs, sign: i64) {
         self.used_cpu_milli += sign * n.cpu_milli;
         self.used_memory += sign * n.memory;
@@ -211,9 +222,15 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Adds or refreshes a node, keeping what its pods use.
-    pub fn upsert_node(&mut self, node: &Node) {
+    /// Adds or refreshes a node, keeping what its pods use. Returns whether the update can
+    /// make a pod fit that did not before (a new node, or new labels, taints, readiness,
+    /// cordon or allocatable): a kubelet heartbeat changes none of them, so it retries nothing.
+    pub fn upsert_node(&mut self, node: &Node) -> bool {
         let mut info = NodeInfo::of(node);
+        let changed = self
+            .nodes
+            .get(&info.name)
+            .is_none_or(|old| !old.same_schedulability(&info));
         if let Some(old) = self.nodes.remove(&info.name) {
             info.used_cpu_milli = old.used_cpu_milli;
             info.used_memory = old.used_memory;
@@ -229,6 +246,7 @@ impl Cache {
             }
         }
         self.nodes.insert(info.name.clone(), info);
+        changed
     }
 
     pub fn remove_node(&mut self, name: &str) {
@@ -325,5 +343,37 @@ mod tests {
         assert_eq!(used(&c, "a"), (500, 1), "u1 vanished during a relist");
         c.unassign("u2");
         assert_eq!(used(&c, "a"), (0, 0));
+    }
+
+    #[test]
+    fn only_schedulability_changes_report_a_change() {
+        let mut c = Cache::default();
+        assert!(c.upsert_node(&node("a")), "a new node");
+        let mut beat = node("a");
+        beat.metadata.resource_version = Some("7".into());
+        beat.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].last_heartbeat_time =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(!c.upsert_node(&beat), "a heartbeat changes nothing");
+        let mut labelled = beat.clone();
+        labelled.metadata.labels = Some([("zone".to_string(), "z1".to_string())].into());
+        assert!(c.upsert_node(&labelled), "a new label");
+        let mut cordoned = labelled.clone();
+        cordoned.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        assert!(c.upsert_node(&cordoned), "a cordon");
+        let mut not_ready = cordoned.clone();
+        not_ready
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .as_mut()
+            .unwrap()[0]
+            .status = "False".into();
+        assert!(c.upsert_node(&not_ready), "readiness");
     }
 }

@@ -139,14 +139,17 @@ async fn watch_nodes(client: kube::Client, shared: Arc<Shared>) {
         let mut st = shared.lock();
         match ev {
             WatchEvent::Init => st.cache.clear_nodes(),
-            WatchEvent::InitApply(n) => st.cache.upsert_node(&n),
+            WatchEvent::InitApply(n) => {
+                st.cache.upsert_node(&n);
+            }
             WatchEvent::InitDone => {
                 st.nodes_synced = true;
                 st.queue.retry_all();
             }
             WatchEvent::Apply(n) => {
-                st.cache.upsert_node(&n);
-                st.queue.retry_all();
+                if st.cache.upsert_node(&n) {
+                    st.queue.retry_all();
+                }
             }
             WatchEvent::Delete(n) => st
                 .cache
