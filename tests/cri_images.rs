@@ -409,8 +409,14 @@ async fn cri_serves_runtime_info_and_images() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(e.message(), "invalid request: config: missing");
     let e = runtime.exec(api::ExecRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("cmd"), "{e:?}");
+    let e = runtime
+        .checkpoint_container(api::CheckpointContainerRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().starts_with("Exec: "), "{e:?}");
+    assert!(e.message().starts_with("CheckpointContainer: "), "{e:?}");
 
     // The metrics endpoint has a histogram series per RPC and code seen.
     let text = http_get(metrics, "/metrics");

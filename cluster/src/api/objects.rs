@@ -463,12 +463,10 @@ where
         }
         let new = merge_update(res, &old, new, part);
         match write_update(state, res, ns, name, &old, rev, new).await {
-            Err(e)
-                if e.code == 409
-                    && e.reason == "Conflict"
-                    && pinned.is_none()
-                    && attempt < CAS_RETRIES =>
-            {
+            // Retried even when `new` carries a resourceVersion: a patch merged onto `old`
+            // carries old's, and a client's own pin is checked again at the top of the loop
+            // (so a stale pin still answers Conflict, a patch without one never does).
+            Err(e) if e.code == 409 && e.reason == "Conflict" && attempt < CAS_RETRIES => {
                 continue;
             }
             other => return other,
