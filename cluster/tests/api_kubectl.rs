@@ -8,6 +8,7 @@ mod api_support;
 use std::time::Duration;
 
 use api_support::{TestServer, code, eventually};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -555,6 +556,21 @@ async fn node_credentials_write_only_their_own_objects() {
         code(&cms.create(&PostParams::default(), &cm).await.unwrap_err()),
         403
     );
+    // A node registers itself: it may create its own Node and Lease, no other.
+    let cred3 = keel_cluster::api::node_credential(&s.node_join_token(), "n3");
+    let node3 = s.client_with_token(&cred3).await;
+    let as_n3: Api<Node> = Api::all(node3.clone());
+    for (name, want) in [("n4", Some(403)), ("n3", None)] {
+        let n: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        let got = as_n3.create(&PostParams::default(), &n).await.err();
+        assert_eq!(got.as_ref().map(code), want, "{name}: {got:?}");
+    }
+    let leases: Api<Lease> = Api::namespaced(node3, "kube-node-lease");
+    for (name, want) in [("n1", Some(403)), ("n3", None)] {
+        let l: Lease = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        let got = leases.create(&PostParams::default(), &l).await.err();
+        assert_eq!(got.as_ref().map(code), want, "{name}: {got:?}");
+    }
     // A forged credential for n2 built without the join token is not accepted at all.
     let forged = cred.replace("node.n1.", "node.n2.");
     let e = Api::<Node>::all(s.client_with_token(&forged).await)

@@ -305,13 +305,18 @@ async fn resource(
     };
     if !matches!(verb, "get" | "list" | "watch") && *who != Identity::Admin {
         let bound = bound_node(&state, &req).await;
+        // A create names its object in the body (a node creating its own Node or Lease).
+        let body_name = (verb == "create" && req.name.is_none())
+            .then(|| parse_body(res, &body, headers).ok())
+            .flatten()
+            .and_then(|v| v["metadata"]["name"].as_str().map(str::to_string));
         authorize_write(
             who,
             &WriteRequest {
                 resource: res.plural,
                 subresource: req.subresource.as_deref(),
                 namespace: ns,
-                name: req.name.as_deref(),
+                name: req.name.as_deref().or(body_name.as_deref()),
                 verb,
                 bound_node: bound.as_deref(),
             },
