@@ -2,8 +2,10 @@
 //! controllers), `keel cri` inside a test network namespace with keel-cni (as
 //! tests/cri_pods.rs runs it), and `keel agent` between them. Through kube-rs: the Node turns
 //! Ready, pods are scheduled and run, exit codes and restarts show in their status, a deleted
-//! pod's sandbox goes and then the pod object, and a Deployment's replicas run. Privileged
-//! (root): namespaces, mounts, cgroups.
+//! pod's sandbox goes and then the pod object, and a Deployment's replicas run. The agent joins
+//! with the node join token, and `kubectl logs` (plain, --tail, --timestamps, -f, --previous)
+//! reaches its log endpoint through the API server. Privileged (root): namespaces, mounts,
+//! cgroups.
 //!
 //! Needs `target/debug/keel-cni` (`cargo build -p keel-cni`).
 
@@ -324,6 +326,9 @@ fn start_agent(node: &NodeRes, kubeconfig: &Path, n: u32) -> Proc {
         .arg(kubeconfig)
         .args(["--node-name", NODE, "--cri-socket"])
         .arg(node.socket())
+        .arg("--token-file")
+        .arg(dir.join("server/tokens/node-join"))
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--node-ip", "127.0.0.1", "--pod-log-dir"])
         .arg(dir.join("pod-logs"))
         .args(["--heartbeat-interval", "1", "--restart-backoff", "0.5"])
@@ -444,16 +449,26 @@ async fn agent_runs_the_pods_of_its_node() {
     let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
     pods.create(
         &PostParams::default(),
-        &pod("hi", "Always", "echo hi; sleep 3600"),
+        &pod(
+            "hi",
+            "Always",
+            "echo hi; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done",
+        ),
     )
     .await
     .unwrap();
-    pods.create(&PostParams::default(), &pod("fail", "Never", "exit 3"))
-        .await
-        .unwrap();
-    pods.create(&PostParams::default(), &pod("crash", "Always", "exit 1"))
-        .await
-        .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod("fail", "Never", "echo failing; exit 3"),
+    )
+    .await
+    .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod("crash", "Always", "echo crashing; exit 1"),
+    )
+    .await
+    .unwrap();
 
     let hi = wait_for("pod hi Running and Ready", 60, || async {
         let p = pods.get("hi").await.ok()?;
@@ -482,6 +497,8 @@ async fn agent_runs_the_pods_of_its_node() {
             .then_some(())
     })
     .await;
+
+    check_kubectl_logs(&kubeconfig, &nodes).await;
 
     let fail = wait_for("pod fail Failed", 60, || async {
         let p = pods.get("fail").await.ok()?;
@@ -529,6 +546,21 @@ async fn agent_runs_the_pods_of_its_node() {
         (container_status(&p)?.restart_count >= 2).then_some(())
     })
     .await;
+
+    // Logs of exited containers: the last attempt, and the one before it.
+    let (ok, out) = kubectl(&kubeconfig, &["logs", "fail"]);
+    assert!(ok, "{out}");
+    assert_eq!(out, "failing\n");
+    let t0 = Instant::now();
+    let (ok, out) = kubectl(&kubeconfig, &["logs", "-f", "fail"]);
+    assert!(ok && out == "failing\n", "{out}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "following an exited container ends"
+    );
+    let (ok, out) = kubectl(&kubeconfig, &["logs", "--previous", "crash"]);
+    assert!(ok, "{out}");
+    assert_eq!(out, "crashing\n");
 
     // Delete: the node stops the pod, removes its sandbox, then the object goes.
     assert_eq!(sandboxes_of(&mut cri, &uid).await, 1);
@@ -616,5 +648,124 @@ async fn agent_runs_the_pods_of_its_node() {
         let cs = container_status(p).unwrap();
         assert_eq!(cs.restart_count, 0, "{:?}", p.metadata.name);
         assert!(cs.state.as_ref().unwrap().running.is_some());
+    }
+}
+
+/// `kubectl --kubeconfig <kc> <args>`: success, and stdout (or stderr on failure).
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("run kubectl (Debian's kubernetes-client)");
+    let text = if out.status.success() {
+        out.stdout
+    } else {
+        out.stderr
+    };
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&text).into_owned(),
+    )
+}
+
+/// `kubectl logs` of the running pod `hi` (which prints `hi`, then `tick <n>` every 0.2 s):
+/// through the API server to the agent's endpoint, which refuses any other caller.
+async fn check_kubectl_logs(kubeconfig: &Path, nodes: &Api<KNode>) {
+    let (ok, out) = kubectl(kubeconfig, &["logs", "hi"]);
+    assert!(ok, "kubectl logs: {out}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("hi"), "{out}");
+    assert!(lines.all(|l| l.starts_with("tick ")), "{out}");
+
+    let (ok, out) = kubectl(kubeconfig, &["logs", "--tail=2", "hi"]);
+    assert!(ok, "{out}");
+    let tail: Vec<&str> = out.lines().collect();
+    assert_eq!(tail.len(), 2, "{out}");
+    assert!(tail.iter().all(|l| l.starts_with("tick ")), "{out}");
+
+    let (ok, out) = kubectl(
+        kubeconfig,
+        &["logs", "--timestamps", "--limit-bytes=100", "hi"],
+    );
+    assert!(ok, "{out}");
+    let first = out.lines().next().unwrap_or_default();
+    let (ts, msg) = first.split_once(' ').unwrap();
+    assert!(
+        ts.len() >= 20 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z') && msg == "hi",
+        "{first}"
+    );
+    assert!(out.len() <= 100, "{}", out.len());
+
+    // -f streams the lines the container writes from now on.
+    let mut follow = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["logs", "-f", "--tail=1", "hi"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let tick = |l: &str| l.strip_prefix("tick ").and_then(|n| n.parse::<u64>().ok());
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("kubectl logs -f keeps streaming");
+        seen.push(tick(&line).unwrap_or_else(|| panic!("unexpected line {line:?}")));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive ticks: {seen:?}"
+    );
+
+    let (ok, out) = kubectl(kubeconfig, &["logs", "hi", "-c", "nope"]);
+    assert!(
+        !ok && out.contains("container nope is not valid for pod hi"),
+        "{out}"
+    );
+
+    // The endpoint itself takes only the node's credential: neither none nor the admin token.
+    let n = nodes.get(NODE).await.unwrap();
+    let port = n
+        .status
+        .unwrap()
+        .daemon_endpoints
+        .unwrap()
+        .kubelet_endpoint
+        .unwrap()
+        .port;
+    assert!(port > 0);
+    let kc = std::fs::read_to_string(kubeconfig).unwrap();
+    let admin = kc
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .unwrap()
+        .to_string();
+    for auth in [None, Some(admin)] {
+        let mut curl = Command::new("curl");
+        curl.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"]);
+        if let Some(t) = auth {
+            curl.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out = curl
+            .arg(format!(
+                "https://127.0.0.1:{port}/containerLogs/default/hi/main"
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
     }
 }

@@ -12,17 +12,22 @@
 //! | `pod_spec.rs` | pure: Pod -> CRI `PodSandboxConfig` / `ContainerConfig` (DNS, ports, env, resources, security context) |
 //! | `pod_status.rs` | pure: CRI sandbox + container states -> `PodStatus`; the restart decision and back-off |
 //! | `pod_sync.rs` | the pod watcher and the sync loop: CRI calls, status writes, deletions, orphan teardown |
+//! | `logs.rs` | pure: which CRI log file, which lines, how `kubectl logs` shows them |
+//! | `log_server.rs` | the HTTPS log endpoint the API server proxies `pods/log` to (node credential only, pinned certificate) |
 //!
 //! Not yet: probes (a running container counts as ready), init containers, volumes, image pull
-//! secrets, `valueFrom` env, events, `pods/log`/exec streaming.
+//! secrets, `valueFrom` env, events, exec/attach/port-forward streaming.
 
+mod log_server;
+mod logs;
 mod node;
 mod pod_spec;
 mod pod_status;
 mod pod_sync;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_cri::api::image_service_client::ImageServiceClient;
@@ -59,6 +64,9 @@ pub enum AgentError {
         what: &'static str,
         source: std::io::Error,
     },
+    /// The log endpoint cannot be set up.
+    #[error("log endpoint: {0}")]
+    Endpoint(String),
     /// A pod's spec cannot be turned into CRI configs.
     #[error("pod {pod}: {reason}")]
     PodSpec { pod: String, reason: String },
@@ -91,6 +99,11 @@ pub struct AgentConfig {
     pub cluster_dns: Option<IpAddr>,
     /// The cluster domain for DNS search paths.
     pub cluster_domain: String,
+    /// Where the log endpoint (`kubectl logs` through the API server) listens; None: nowhere.
+    pub listen: Option<SocketAddr>,
+    /// The node's own API credential, the only bearer the log endpoint accepts. None: the
+    /// endpoint is not started (an agent running on another credential cannot check callers).
+    pub credential: Option<String>,
 }
 
 impl AgentConfig {
@@ -108,6 +121,8 @@ impl AgentConfig {
             sync_interval: Duration::from_secs(1),
             cluster_dns: None,
             cluster_domain: "cluster.local".into(),
+            listen: None,
+            credential: None,
         }
     }
 }
@@ -144,12 +159,21 @@ impl Agent {
         })
     }
 
-    /// As [`Agent::new`], with a client for the kubeconfig at `kubeconfig`.
+    /// As [`Agent::new`], with a client for the kubeconfig at `kubeconfig`. With `join_token`
+    /// (the cluster's node join token) the agent authenticates as its node, with the credential
+    /// minted from it; otherwise with the kubeconfig's user. Either way, a node credential becomes
+    /// the one the log endpoint accepts.
     pub async fn from_kubeconfig(
-        config: AgentConfig,
+        mut config: AgentConfig,
         kubeconfig: &Path,
+        join_token: Option<&str>,
     ) -> Result<Agent, AgentError> {
-        let client = keel_cluster::client::from_kubeconfig(kubeconfig).await?;
+        let minted = join_token.map(|t| keel_cluster::api::node_credential(t, &config.node_name));
+        let (client, presented) = keel_cluster::client::with_token(kubeconfig, minted).await?;
+        let own = format!("node.{}.", config.node_name);
+        if config.credential.is_none() {
+            config.credential = presented.filter(|t| t.starts_with(&own));
+        }
         Agent::new(config, client).await
     }
 
@@ -162,10 +186,12 @@ impl Agent {
         let hostname = node::hostname()?;
         let version = node::runtime_version(&mut self.cri.clone()).await?;
         let capacity = Capacity::of_machine(self.config.max_pods)?;
+        let endpoint = self.start_log_endpoint(node_ip, &hostname).await?;
         let registration = node::Registration {
             name: self.config.node_name.clone(),
             hostname,
             node_ip,
+            endpoint,
             capacity,
             reserved_cpu_millis: self.config.reserved_cpu_millis,
             reserved_memory_bytes: self.config.reserved_memory_bytes,
@@ -183,6 +209,37 @@ impl Agent {
             r = heartbeat => r,
             r = sync => r,
         }
+    }
+}
+
+impl Agent {
+    /// Binds and starts the log endpoint if configured; its port and certificate pin.
+    async fn start_log_endpoint(
+        &self,
+        node_ip: IpAddr,
+        hostname: &str,
+    ) -> Result<Option<(u16, String)>, AgentError> {
+        let Some(listen) = self.config.listen else {
+            return Ok(None);
+        };
+        let Some(credential) = self.config.credential.clone() else {
+            tracing::warn!(
+                "pod logs are not served: the agent has no node credential (start it with \
+                 --token, or a kubeconfig holding this node's credential)"
+            );
+            return Ok(None);
+        };
+        let names = vec![node_ip.to_string(), hostname.to_string()];
+        let server = log_server::LogServer::bind(listen, &names).await?;
+        let published = (server.port, server.pin.clone());
+        tracing::info!(%listen, port = server.port, "log endpoint listening");
+        let ctx = Arc::new(log_server::Ctx {
+            credential,
+            pod_log_dir: self.config.pod_log_dir.clone(),
+            cri: self.cri.clone(),
+        });
+        tokio::spawn(server.serve(ctx));
+        Ok(Some(published))
     }
 }
 

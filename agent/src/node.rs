@@ -7,10 +7,14 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo};
+use k8s_openapi::api::core::v1::{
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus,
+    NodeSystemInfo,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
+use keel_cluster::api::pki::AGENT_CERT_PIN_ANNOTATION;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -92,6 +96,8 @@ pub(crate) struct Registration {
     pub name: String,
     pub hostname: String,
     pub node_ip: IpAddr,
+    /// The log endpoint's port and certificate pin, if it serves.
+    pub endpoint: Option<(u16, String)>,
     pub capacity: Capacity,
     pub reserved_cpu_millis: u64,
     pub reserved_memory_bytes: u64,
@@ -136,8 +142,20 @@ impl Registration {
                 ..Default::default()
             }),
             conditions: Some(vec![ready_condition(transition)]),
+            // Port 0 says nothing serves (a restarted agent may no longer).
+            daemon_endpoints: Some(NodeDaemonEndpoints {
+                kubelet_endpoint: Some(DaemonEndpoint {
+                    port: self.endpoint.as_ref().map_or(0, |(p, _)| i32::from(*p)),
+                }),
+            }),
             ..Default::default()
         }
+    }
+
+    /// The Node's annotations: the log endpoint's certificate pin, or its removal.
+    fn annotations(&self) -> serde_json::Value {
+        let pin = self.endpoint.as_ref().map(|(_, pin)| pin.clone());
+        json!({ AGENT_CERT_PIN_ANNOTATION: pin })
     }
 }
 
@@ -175,15 +193,15 @@ pub(crate) async fn register(client: &kube::Client, reg: &Registration) -> Resul
     };
     match nodes.create(&PostParams::default(), &node).await {
         Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let labels = json!({"metadata": {"labels": node.metadata.labels}});
-            nodes
-                .patch(&reg.name, &PatchParams::default(), &Patch::Merge(&labels))
-                .await
-                .map_err(api_err(format!("update node {}", reg.name)))?;
-        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(api_err(format!("create node {}", reg.name))(e)),
     }
+    let meta =
+        json!({"metadata": {"labels": node.metadata.labels, "annotations": reg.annotations()}});
+    nodes
+        .patch(&reg.name, &PatchParams::default(), &Patch::Merge(&meta))
+        .await
+        .map_err(api_err(format!("update node {}", reg.name)))?;
     let status = reg.status(&Time(Timestamp::now()));
     nodes
         .patch_status(
@@ -283,6 +301,7 @@ mod tests {
             name: "n1".into(),
             hostname: "h".into(),
             node_ip: IpAddr::from([10, 0, 0, 1]),
+            endpoint: Some((10250, "ab12".into())),
             capacity: Capacity {
                 cpus: 4,
                 memory_bytes: 8 << 30,
@@ -304,6 +323,9 @@ mod tests {
             s.node_info.unwrap().container_runtime_version,
             "keel://0.1.0"
         );
+        let port = s.daemon_endpoints.unwrap().kubelet_endpoint.unwrap().port;
+        assert_eq!(port, 10250);
+        assert_eq!(reg.annotations()[AGENT_CERT_PIN_ANNOTATION], "ab12");
         let ready = &s.conditions.unwrap()[0];
         assert_eq!(
             (ready.type_.as_str(), ready.status.as_str()),

@@ -2,7 +2,7 @@
 //! endpoint (`keel cri`, or any CRI runtime). Parses flags into a `keel_agent::AgentConfig`
 //! and runs the agent until SIGTERM or SIGINT. The work is in keel-agent.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,6 +17,25 @@ pub struct AgentArgs {
     /// Kubeconfig of the API server (its current context).
     #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
     pub kubeconfig: PathBuf,
+    /// The cluster's node join token (`<server data dir>/tokens/node-join`): the agent then
+    /// authenticates as this node only, with the credential minted from it, instead of as the
+    /// kubeconfig's user. Prefer --token-file or the environment: arguments are visible in ps.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "KEEL_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// A file holding the node join token (see --token).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Where the log endpoint listens (HTTPS; the API server proxies `kubectl logs` to it).
+    /// Served only with a node credential (--token, or a node kubeconfig). Default: the node IP,
+    /// port 10250.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
     /// This node's name.
     #[arg(long, value_name = "NAME")]
     pub node_name: String,
@@ -68,6 +87,22 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.restart_backoff_base = restart_backoff;
     config.cluster_dns = args.cluster_dns;
     config.cluster_domain = args.cluster_domain;
+    config.listen = Some(args.listen.unwrap_or_else(|| {
+        SocketAddr::new(args.node_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])), 10250)
+    }));
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("read --token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if token.as_deref() == Some("") {
+        anyhow::bail!("the node join token is empty");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,7 +110,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-        let agent = Agent::from_kubeconfig(config, &args.kubeconfig).await?;
+        let agent = Agent::from_kubeconfig(config, &args.kubeconfig, token.as_deref()).await?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = int.recv() => tracing::info!("SIGINT"),

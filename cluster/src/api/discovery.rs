@@ -98,6 +98,10 @@ fn sub_entry(r: &Resource, sub: &str) -> Value {
             "name": format!("{}/binding", r.plural), "singularName": "", "namespaced": r.namespaced,
             "kind": "Binding", "verbs": ["create"],
         }),
+        "log" => json!({
+            "name": format!("{}/log", r.plural), "singularName": "", "namespaced": r.namespaced,
+            "kind": r.kind, "verbs": ["get"],
+        }),
         _ => json!({
             "name": format!("{}/{sub}", r.plural), "singularName": "", "namespaced": r.namespaced,
             "kind": r.kind, "verbs": ["get", "patch", "update"],

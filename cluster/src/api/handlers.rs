@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::auth::{Identity, WriteRequest, authorize_write};
 use super::discovery;
+use super::node_proxy;
 use super::objects::{self, DeleteOptions, ListQuery, Part, State, meta_str};
 use super::patch::{self, PatchType};
 use super::protobuf;
@@ -325,6 +326,9 @@ async fn resource(
     let name = req.name.clone().unwrap_or_default();
     let sub = req.subresource.as_deref();
     match verb {
+        "get" if sub == Some("log") => {
+            node_proxy::pod_log(&state, res, ns.unwrap_or_default(), &name, &q).await
+        }
         "get" => {
             let (obj, rev) = objects::get(&state, res, ns, &name).await?;
             let out = match sub {

@@ -6,10 +6,12 @@
 //! node may write), `discovery`, `handlers` (HTTP to operations), `objects` (generic get, list,
 //! create, update, delete), `selectors`, `patch`, `watch`, `table`, `defaults` (per-resource
 //! defaults and validation), `alloc` (ClusterIPs and NodePorts), `gc` (owner references,
-//! finalizers, namespace deletion). This file owns start-up: credentials, the listener, the
-//! bootstrap objects, the kubeconfig, and the background tasks (garbage collector, compactor).
+//! finalizers, namespace deletion), `node_proxy` (`pods/log` streamed from the pod's node agent).
+//! This file owns start-up: credentials, the listener, the bootstrap objects, the kubeconfig, and
+//! the background tasks (garbage collector, compactor).
 //!
-//! Must not talk to nodes or run controllers beyond garbage collection: the scheduler and the
+//! Must not talk to nodes except to proxy what Kubernetes proxies through the kubelet
+//! (`node_proxy`), nor run controllers beyond garbage collection: the scheduler and the
 //! workload controllers are API clients of their own.
 
 pub mod alloc;
@@ -18,6 +20,7 @@ mod defaults;
 pub mod discovery;
 mod gc;
 mod handlers;
+mod node_proxy;
 mod objects;
 pub mod patch;
 pub mod pki;

@@ -19,6 +19,7 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::Digest as _;
 
 /// What can go wrong with the credentials on disk.
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +269,105 @@ pub fn server_url(listen: std::net::SocketAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("https://{v4}:{}", listen.port()),
         IpAddr::V6(v6) => format!("https://[{v6}]:{}", listen.port()),
+    }
+}
+
+/// The Node annotation in which an agent publishes the SHA-256 (hex) of its endpoint's
+/// certificate; the API server accepts only that certificate when it proxies to the node.
+pub const AGENT_CERT_PIN_ANNOTATION: &str = "keel.dev/agent-cert-sha256";
+
+/// A fresh self-signed serving configuration for a node agent's endpoint, covering `names`
+/// (IPs or DNS names), and the pin of its certificate (SHA-256 of the DER, hex). Agents have no
+/// CA-signed certificate; the pin, which only the node itself may write into its Node, takes the
+/// CA's place.
+pub fn self_signed_server(names: &[String]) -> Result<(rustls::ServerConfig, String), PkiError> {
+    let gen_err = |what| move |source| PkiError::Generate { what, source };
+    let key = KeyPair::generate().map_err(gen_err("agent key"))?;
+    let mut params =
+        CertificateParams::new(names.to_vec()).map_err(gen_err("agent certificate"))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "keel-agent");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params
+        .self_signed(&key)
+        .map_err(gen_err("agent certificate"))?;
+    let pin = hex(&sha2::Sha256::digest(cert.der()));
+    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|reason| PkiError::Pem {
+        path: PathBuf::from("(agent key)"),
+        what: "private key",
+        reason: reason.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((config, pin))
+}
+
+/// A client configuration that trusts exactly the server certificate pinned by `pin`
+/// (see [`self_signed_server`]); signatures are still verified, so only the key holder passes.
+pub fn pinned_client(pin: &str) -> Result<rustls::ClientConfig, PkiError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = Arc::new(PinnedCert {
+        pin: pin.to_ascii_lowercase(),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+#[derive(Debug)]
+struct PinnedCert {
+    pin: String,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if hex(&sha2::Sha256::digest(end_entity.as_ref())) == self.pin {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the node's certificate does not match the pin in its Node object".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 

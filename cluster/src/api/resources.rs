@@ -68,7 +68,7 @@ pub static RESOURCES: &[Resource] = &[
         kind: "Pod",
         namespaced: true,
         short_names: &["po"],
-        subresources: &["status", "binding"],
+        subresources: &["status", "binding", "log"],
         categories: ALL,
         check: check::<core::v1::Pod>,
     },
