@@ -45,6 +45,9 @@ pub struct InstallSpec {
     pub portmap: bool,
     /// File name of the conflist.
     pub conflist_name: String,
+    /// Where IPAM keeps its allocations (`ipam.dataDir`); None: host-local's default,
+    /// /var/lib/cni/networks.
+    pub ipam_data_dir: Option<PathBuf>,
 }
 
 /// The conflist for `spec`.
@@ -71,6 +74,9 @@ pub fn conflist(spec: &InstallSpec) -> serde_json::Value {
     });
     if let Some(m) = spec.mtu {
         main["mtu"] = json!(m);
+    }
+    if let Some(d) = &spec.ipam_data_dir {
+        main["ipam"]["dataDir"] = json!(d);
     }
     let mut plugins = vec![main];
     if spec.portmap {
@@ -137,6 +143,7 @@ mod tests {
             ip_masq: true,
             portmap: true,
             conflist_name: "10-keel.conflist".into(),
+            ipam_data_dir: None,
         }
     }
 

@@ -89,14 +89,11 @@ fn start_containerd(node: &NetnsGuard, state: &StateRoot) -> anyhow::Result<Cont
         ip_masq: true,
         portmap: false,
         conflist_name: "10-keel.conflist".into(),
+        // Allocations under the state root rather than /var/lib/cni.
+        ipam_data_dir: Some(s.join("ipam")),
     })?;
     // containerd's CRI plugin brings up the pod's loopback with the reference plugin.
     std::os::unix::fs::symlink("/usr/lib/cni/loopback", bin_dir.join("loopback"))?;
-    // Allocations under the state root rather than /var/lib/cni.
-    let conflist = conf_dir.join("10-keel.conflist");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&conflist)?)?;
-    v["plugins"][0]["ipam"]["dataDir"] = serde_json::json!(s.join("ipam"));
-    std::fs::write(&conflist, serde_json::to_vec(&v)?)?;
     let socket = s.join("containerd.sock");
     let config = format!(
         r#"version = 2

@@ -52,6 +52,9 @@ pub struct InstallArgs {
     /// File name of the conflist.
     #[arg(long, default_value = "10-keel.conflist")]
     pub conflist_name: String,
+    /// Where IPAM keeps its allocations (default: /var/lib/cni/networks, as host-local).
+    #[arg(long, value_name = "DIR")]
+    pub ipam_data_dir: Option<PathBuf>,
 }
 
 /// Subnet flag parsing without depending on `ipnet` in the `keel` package.
@@ -104,6 +107,7 @@ fn install(a: InstallArgs) -> anyhow::Result<()> {
         ip_masq: !a.no_masquerade,
         portmap: a.portmap,
         conflist_name: a.conflist_name,
+        ipam_data_dir: a.ipam_data_dir,
     };
     let (bin, conf) = keel_cni::install::install(&spec)?;
     println!("installed {} and {}", bin.display(), conf.display());
