@@ -50,9 +50,10 @@ enum Command {
     Cni(cli::cni::CniArgs),
     /// Serve the Kubernetes CRI (RuntimeService, ImageService) on a unix socket.
     Cri(cli::cri::CriArgs),
-    /// Run the control plane: the Kubernetes-compatible API server on redb or etcd, the scheduler
-    /// and the controllers.
-    Server(cli::server::ServerArgs),
+    /// Run a cluster: the Kubernetes-compatible API server on redb or etcd, the scheduler, the
+    /// controllers, and (unless --no-node) this machine as its node: CNI, CRI endpoint, agent,
+    /// service proxy.
+    Server(Box<cli::server::ServerArgs>),
     /// Run the scheduler alone against an API server (keel server runs it in-process).
     Scheduler(cli::scheduler::SchedulerArgs),
     /// eBPF service proxy (kube-proxy replacement): run it, `ls`, `uninstall`.
@@ -79,7 +80,7 @@ fn main() -> ExitCode {
             Command::Pod(cmd) => cli::pod::run(&cli.root, &config, cmd),
             Command::Cni(args) => cli::cni::run(args).map(|()| ExitCode::SUCCESS),
             Command::Cri(args) => cli::cri::run(&cli.root, &config, args),
-            Command::Server(args) => cli::server::run(args),
+            Command::Server(args) => cli::server::run(&cli.root, &config, *args),
             Command::Scheduler(args) => cli::scheduler::run(args),
             Command::Proxy(args) => cli::proxy::run(args),
             Command::Agent(args) => cli::agent::run(args),

@@ -769,3 +769,234 @@ async fn check_kubectl_logs(kubeconfig: &Path, nodes: &Api<KNode>) {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
     }
 }
+
+/// `kubectl` inside network namespace `netns` (where `keel server` serves).
+fn kubectl_in(
+    netns: &Path,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String) {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .args(["--", "kubectl", "--kubeconfig"])
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("nsenter kubectl");
+    if let Some(text) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = if out.status.success() {
+        out.stdout
+    } else {
+        out.stderr
+    };
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&text).into_owned(),
+    )
+}
+
+/// `keel server` without --no-node is a single-node cluster by itself: its node (CRI endpoint,
+/// agent, proxy in the same process) turns Ready, runs a pod and serves its log; SIGTERM stops
+/// it cleanly. Everything runs inside the test's network namespace; the proxy's socket hooks
+/// attach to the test's cgroup, its pins live under a bpffs dir of the test's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_is_a_single_node_cluster() {
+    if !privileged("server_is_a_single_node_cluster") {
+        return;
+    }
+    let node = NodeRes::new();
+    let dir = node.root().to_owned();
+    let netns = node.netns.as_ref().unwrap().path().to_owned();
+    let v2 = node
+        .cgroup
+        .as_ref()
+        .unwrap()
+        .v2_path()
+        .expect("a cgroup v2 hierarchy")
+        .to_owned();
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/keel-test-{}", std::process::id()));
+    struct Pins(PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = Command::new(keel_bin())
+                .args(["proxy", "uninstall", "--bpffs-dir"])
+                .arg(&self.0)
+                .output();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _pins = Pins(bpffs.clone());
+    let log = dir.join("server-node.log");
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(keel_bin())
+        .arg("--root")
+        .arg(&dir)
+        .args(["--log", "info", "server", "--data-dir"])
+        .arg(dir.join("server"))
+        .args([
+            "--api-listen",
+            "127.0.0.1:6443",
+            "--node-name",
+            "keel-test-server",
+        ])
+        .arg("--cri-socket")
+        .arg(node.socket())
+        .arg("--cni-dir")
+        .arg(dir.join("server-cni"))
+        .args(["--pod-cidr", "10.250.9.0/24", "--bridge", "kbr9"])
+        .arg("--run-dir")
+        .arg(node.run_dir())
+        .arg("--pod-log-dir")
+        .arg(dir.join("pod-logs"))
+        .arg("--cgroup-parent")
+        .arg(node.cgroup.as_ref().unwrap().name())
+        .args(["--agent-listen", "127.0.0.1:0"])
+        .arg("--proxy-cgroup")
+        .arg(&v2)
+        .arg("--bpffs-dir")
+        .arg(&bpffs)
+        .args(["--proxy-healthz-address", "127.0.0.1:0"])
+        .env_remove("KEEL_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn keel server");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut server = Proc {
+        name: "keel server (with its node)",
+        child,
+        log,
+    };
+    let kubeconfig = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("keel server printed its kubeconfig path");
+        if let Some(p) = line.strip_prefix("keel server: kubeconfig written to ") {
+            break PathBuf::from(p);
+        }
+    };
+    let kc = |args: &[&str]| kubectl_in(&netns, &kubeconfig, args, None);
+    wait_for("the server's own node Ready", 60, || async {
+        let (ok, out) = kc(&[
+            "get",
+            "node",
+            "keel-test-server",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        (ok && out == "True").then_some(())
+    })
+    .await;
+
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "hello", "namespace": "default", "labels": {"app": "hello"}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "main", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", "echo hello from the server node; sleep 3600"]
+        }]}
+    });
+    let (ok, out) = kubectl_in(
+        &netns,
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&manifest.to_string()),
+    );
+    assert!(ok, "kubectl apply: {out}");
+    wait_for("pod hello Running on the server's node", 60, || async {
+        let (ok, out) = kc(&[
+            "get",
+            "pod",
+            "hello",
+            "-o",
+            "jsonpath={.spec.nodeName} {.status.phase} {.status.podIP}",
+        ]);
+        (ok && out.starts_with("keel-test-server Running 10.250.9.")).then_some(())
+    })
+    .await;
+    let out = wait_for("kubectl logs hello", 20, || async {
+        let (ok, out) = kc(&["logs", "hello"]);
+        (ok && !out.is_empty()).then_some(out)
+    })
+    .await;
+    assert_eq!(out, "hello from the server node\n");
+
+    // The proxy serves a Service of the pod from its maps: ClusterIP -> pod IP.
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {"selector": {"app": "hello"}, "ports": [{"port": 80, "targetPort": 8080}]}
+    });
+    let (ok, out) = kubectl_in(
+        &netns,
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&svc.to_string()),
+    );
+    assert!(ok, "kubectl apply: {out}");
+    let (_, cluster_ip) = kc(&["get", "svc", "hello", "-o", "jsonpath={.spec.clusterIP}"]);
+    let (_, pod_ip) = kc(&["get", "pod", "hello", "-o", "jsonpath={.status.podIP}"]);
+    assert!(
+        cluster_ip.parse::<std::net::Ipv4Addr>().is_ok() && pod_ip.starts_with("10.250.9."),
+        "{cluster_ip} {pod_ip}"
+    );
+    wait_for("the Service in the proxy's maps", 30, || async {
+        let ls = Command::new(keel_bin())
+            .args(["proxy", "ls", "--bpffs-dir"])
+            .arg(&bpffs)
+            .output()
+            .ok()?;
+        let ls = String::from_utf8_lossy(&ls.stdout).into_owned();
+        (ls.contains(&format!("{cluster_ip}:80")) && ls.contains(&format!("-> {pod_ip}:8080")))
+            .then_some(())
+    })
+    .await;
+
+    // SIGTERM: the server stops cleanly and takes its CRI socket with it; the pod stays.
+    let pid = rustix::process::Pid::from_raw(server.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keel server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!node.socket().exists(), "the CRI socket is removed");
+    let pods = node.keel_ok(&["pod", "ls", "-q"]);
+    assert_eq!(
+        pods.split_whitespace().count(),
+        1,
+        "the pod keeps running: {pods}"
+    );
+}

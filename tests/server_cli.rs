@@ -98,18 +98,21 @@ async fn client(kubeconfig: &Path) -> kube::Client {
     kube::Client::try_from(config).unwrap()
 }
 
+/// The node roles' flags are checked before anything starts: a bad pod CIDR is refused by name
+/// and nothing is written to the data dir.
 #[test]
-fn server_requires_no_node_for_now() {
+fn server_refuses_a_bad_node_flag_before_starting() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["server", "--data-dir"])
-        .arg(dir.path())
-        .args(["--api-listen", "127.0.0.1:0"])
+        .arg(dir.path().join("data"))
+        .args(["--api-listen", "127.0.0.1:0", "--pod-cidr", "10.42.0.0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--no-node"), "{err}");
+    assert!(err.contains("--pod-cidr"), "{err}");
+    assert!(!dir.path().join("data").exists());
 }
 
 /// Acknowledged creates before each SIGKILL.

@@ -7,3 +7,4 @@ pub mod pod;
 pub mod proxy;
 pub mod scheduler;
 pub mod server;
+pub mod server_node;

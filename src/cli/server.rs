@@ -1,11 +1,13 @@
-//! `keel server`: the control plane. Parses flags into a `keel_cluster::api::ApiConfig`, opens the
-//! store (redb in the data dir, or etcd), starts the API server, the scheduler and the controllers
-//! (clients of that server through the admin kubeconfig), prints the kubeconfig path and serves until
-//! SIGTERM or SIGINT. The work is in keel-cluster.
+//! `keel server`: the control plane, and this machine as its first node. Parses flags into a
+//! `keel_cluster::api::ApiConfig`, opens the store (redb in the data dir, or etcd), starts the API
+//! server, the scheduler and the controllers (clients of that server through the admin
+//! kubeconfig), prints the kubeconfig path, then (unless --no-node) the node roles of
+//! `server_node.rs`: CRI endpoint, agent, proxy. Serves until SIGTERM or SIGINT. The work is in
+//! keel-cluster and the node roles' crates.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,13 +17,18 @@ use keel_cluster::scheduler::SchedulerConfig;
 use keel_cluster::store::{self, StoreConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::cli::server_node;
+use crate::config::Config;
+
 /// `keel server` flags.
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// Run only the control plane (API server and store). Required for now: the node roles of
-    /// `keel server` (agent, proxy) come with the standalone cluster issue.
+    /// Run only the control plane (API server, store, scheduler, controllers), not this
+    /// machine's node roles (CNI, CRI endpoint, agent, proxy).
     #[arg(long)]
     pub no_node: bool,
+    #[command(flatten)]
+    pub node: crate::cli::server_node::NodeArgs,
     /// Data dir: the redb store, the CA and serving certificate, the tokens, the kubeconfig.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/keel/server")]
     pub data_dir: PathBuf,
@@ -64,13 +71,7 @@ pub struct ServerArgs {
     pub pod_eviction_timeout: u64,
 }
 
-pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
-    if !args.no_node {
-        bail!(
-            "keel server without --no-node would also run this machine as a node, which comes \
-             with the standalone cluster issue; run `keel server --no-node` for the control plane alone"
-        );
-    }
+pub fn run(root: &Path, cfg: &Config, args: ServerArgs) -> anyhow::Result<ExitCode> {
     let service_cidr: Cidr = args
         .service_cidr
         .parse()
@@ -97,6 +98,13 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             endpoints: args.etcd_endpoints.clone(),
         }
     };
+    let node = if args.no_node {
+        None
+    } else {
+        let plan = server_node::plan(root, cfg, &args.node, &args.data_dir)?;
+        server_node::install_cni(&plan.cni)?;
+        Some(plan)
+    };
     let mut config = ApiConfig::new(args.data_dir.clone(), args.api_listen);
     config.service_cidr = service_cidr;
     config.node_port_range = node_ports;
@@ -119,7 +127,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             .context("start API server")?;
         // One write, errors ignored: whoever started us may stop reading once it has the path.
         let kubeconfig = server.kubeconfig.display();
-        let banner = format!(
+        let mut banner = format!(
             "keel server: API at {}\nkeel server: kubeconfig written to {kubeconfig}\n\
              keel server: export KUBECONFIG={kubeconfig}\n",
             server.url
@@ -158,17 +166,71 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 None => std::future::pending().await,
             }
         };
+        // This node: the CRI endpoint here, the agent and the proxy as clients of the server.
+        let (cri_stop, cri_stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut cri = None;
+        let mut agent = None;
+        let mut proxy = None;
+        if let Some(plan) = node {
+            cri = Some(Box::pin(keel_cri::serve(plan.cri, async {
+                let _ = cri_stopped.await;
+            })));
+            agent = Some(tokio::spawn(server_node::run_agent(
+                plan.agent,
+                server.kubeconfig.clone(),
+                server.node_join_token.clone(),
+            )));
+            if let Some(p) = plan.proxy {
+                proxy = Some(
+                    server_node::start_proxy(p, server.kubeconfig.clone())
+                        .await
+                        .context("start the service proxy (or pass --disable-proxy)")?,
+                );
+            }
+            banner.push_str(&format!(
+                "keel server: node {} ({}) joins as this machine; `kubectl get nodes` shows it \
+                 Ready once its agent registered\n",
+                plan.node_name, plan.node_ip
+            ));
+        }
+        let cri_done = async {
+            match cri.as_mut() {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
+        let agent_done = async {
+            match agent.as_mut() {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
         drop(out);
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-            _ = server.wait() => bail!("API server stopped"),
-            r = scheduler_done => bail!("scheduler stopped: {r:?}"),
-            r = controllers_done => bail!("controllers stopped: {r:?}"),
+        let outcome = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT"); Ok(()) }
+            _ = server.wait() => Err(anyhow::anyhow!("API server stopped")),
+            r = scheduler_done => Err(anyhow::anyhow!("scheduler stopped: {r:?}")),
+            r = controllers_done => Err(anyhow::anyhow!("controllers stopped: {r:?}")),
+            r = cri_done => Err(anyhow::anyhow!("CRI endpoint stopped: {r:?}")),
+            r = agent_done => Err(anyhow::anyhow!("agent stopped: {r:?}")),
+        };
+        // Containers, pods and the proxy's programs stay: a restarted server takes them over.
+        if let Some(a) = &agent {
+            a.abort();
         }
-        Ok(ExitCode::SUCCESS)
+        let _ = cri_stop.send(());
+        if let Some(f) = cri
+            && let Err(e) = f.await
+        {
+            tracing::warn!("CRI endpoint shutdown: {e}");
+        }
+        if let Some(p) = proxy {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
+        outcome.map(|()| ExitCode::SUCCESS)
     })
 }
 

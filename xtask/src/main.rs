@@ -45,11 +45,15 @@ enum Task {
     /// Build test images.
     #[command(subcommand)]
     Image(ImageTask),
-    /// Build keel (release) and start the main job in the foreground.
+    /// Build keel (release) and start the main job in the foreground: `keel server`, a
+    /// single-node cluster on the embedded store.
     Run {
-        /// State root for the run.
+        /// State root for the run (images, pods, containers; the server's data in ROOT/server).
         #[arg(long, default_value = "/var/lib/keel")]
         root: PathBuf,
+        /// More `keel server` flags, after `--` (e.g. `-- --insecure-registry HOST:PORT`).
+        #[arg(last = true)]
+        server_args: Vec<String>,
     },
 }
 
@@ -98,7 +102,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             image::run(args)
         }
-        Task::Run { root } => run_main_job(&root),
+        Task::Run { root, server_args } => run_main_job(&root, &server_args),
     }
 }
 
@@ -146,9 +150,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     cargo(&args)
 }
 
-fn run_main_job(root: &Path) -> anyhow::Result<()> {
+fn run_main_job(root: &Path, server_args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
-    // keel-monitor (runtime's small watcher binary) must sit beside keel for the ~1 MiB monitor.
+    // keel-monitor (runtime's small watcher binary) must sit beside keel for the ~1 MiB monitor;
+    // keel-cni beside it is the node's pod network plugin.
     cargo(&[
         "build",
         "--release",
@@ -161,23 +166,28 @@ fn run_main_job(root: &Path) -> anyhow::Result<()> {
         "--bins",
     ])?;
     let keel = workspace_root().join("target/release/keel");
-    let socket = "/run/keel/keel.sock";
+    let data_dir = root.join("server");
     println!(
-        "starting the CRI daemon on {socket} (state under {}); try:\n  \
-         {} --root {} image pull --insecure-registry HOST:PORT HOST:PORT/image:tag\n  \
-         point kubelet or crictl at unix://{socket}; Ctrl-C stops it",
-        root.display(),
+        "starting a single-node cluster: `keel server` (API on https://127.0.0.1:6443, store and \
+         credentials in {}, this machine as its node); it prints the kubeconfig to use, e.g.\n  \
+         export KUBECONFIG={}/kubeconfig; kubectl get nodes\n\
+         Images come from registries (`-- --insecure-registry HOST:PORT` for a plain-HTTP one) or \
+         `{} --root {} image import FILE.tar`. Ctrl-C stops the server; pods keep running.",
+        data_dir.display(),
+        data_dir.display(),
         keel.display(),
         root.display()
     );
     let status = Command::new(&keel)
         .arg("--root")
         .arg(root)
-        .args(["--log", "info", "cri", "--socket", socket])
+        .args(["--log", "info", "server", "--data-dir"])
+        .arg(&data_dir)
+        .args(server_args)
         .status()
         .with_context(|| format!("start {}", keel.display()))?;
     if !status.success() {
-        bail!("keel cri exited with {status}");
+        bail!("keel server exited with {status}");
     }
     Ok(())
 }

@@ -1,0 +1,240 @@
+//! The node roles `keel server` runs in its own process unless `--no-node`: keel-cni installed
+//! into a keel-owned CNI dir, the CRI endpoint, the agent (authenticated as this node with the
+//! join token) and the eBPF service proxy, so that one command gives a single-node cluster.
+//! Parses the node flags into the libraries' configs; the work is in keel-cri, keel-agent,
+//! keel-cni and keel-proxy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::cli::cni::ipnet_arg;
+use crate::cli::image::RegistryFlags;
+use crate::config::Config;
+
+/// `keel server` flags for this machine's node roles (ignored with --no-node).
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// This node's name. Default: the host name, lowercased.
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// The node's InternalIP (pods' hostIP, NodePorts, the log endpoint). Default: 127.0.0.1.
+    #[arg(long, value_name = "IP")]
+    pub node_ip: Option<IpAddr>,
+    /// The pods' subnet on this node (keel-cni's bridge network).
+    #[arg(long, value_name = "CIDR", default_value = "10.42.0.0/16")]
+    pub pod_cidr: ipnet_arg::Net,
+    /// The pods' bridge.
+    #[arg(long, value_name = "NAME", default_value = "keel0")]
+    pub bridge: String,
+    /// The CRI endpoint's socket (crictl and other kubelets may use it too).
+    #[arg(long, value_name = "PATH", default_value = keel_cri::server::DEFAULT_SOCKET)]
+    pub cri_socket: PathBuf,
+    /// CNI dir: the conflist in DIR/net.d, the plugin in DIR/bin, IP allocations in DIR/ipam.
+    /// Default: <data-dir>/cni.
+    #[arg(long, value_name = "DIR")]
+    pub cni_dir: Option<PathBuf>,
+    /// Container run dir (libcontainer state; pod pins beside it).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "KEEL_RUN_DIR",
+        default_value = "/run/keel/containers"
+    )]
+    pub run_dir: PathBuf,
+    /// Pod logs: <DIR>/<namespace>_<name>_<uid>/<container>/<attempt>.log.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
+    pub pod_log_dir: PathBuf,
+    /// The pods' cgroup parent (relative to each hierarchy's root).
+    #[arg(long, value_name = "PATH", default_value = "keel")]
+    pub cgroup_parent: String,
+    /// The agent's log endpoint (`kubectl logs`). Default: the node IP, port 10250.
+    #[arg(long, value_name = "ADDR")]
+    pub agent_listen: Option<SocketAddr>,
+    /// Do not run the service proxy on this node.
+    #[arg(long)]
+    pub disable_proxy: bool,
+    /// The cgroup v2 directory the proxy's socket hooks attach to. Default: the v2 root, so
+    /// that every process on the host reaches ClusterIPs.
+    #[arg(long, value_name = "PATH")]
+    pub proxy_cgroup: Option<PathBuf>,
+    /// Where the proxy pins its programs and maps.
+    #[arg(long, value_name = "DIR", default_value = keel_proxy::DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// The proxy's /healthz listener.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub proxy_healthz_address: SocketAddr,
+    #[command(flatten)]
+    pub registry: RegistryFlags,
+}
+
+/// The reference portmap plugin (Debian's containernetworking-plugins), chained for hostPorts
+/// when present.
+const PORTMAP: &str = "/usr/lib/cni/portmap";
+
+/// Installs keel-cni (and links the portmap plugin beside it when chained).
+pub fn install_cni(spec: &keel_cni::install::InstallSpec) -> anyhow::Result<()> {
+    let (bin, conf) = keel_cni::install::install(spec).context("install keel-cni")?;
+    if spec.portmap {
+        let link = spec.bin_dir.join("portmap");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(PORTMAP, &link)
+            .with_context(|| format!("link {PORTMAP} to {}", link.display()))?;
+    } else {
+        tracing::warn!(
+            "{PORTMAP} is missing (Debian: containernetworking-plugins): pods' hostPorts are not mapped"
+        );
+    }
+    tracing::info!(bin = %bin.display(), conf = %conf.display(), "keel-cni installed");
+    Ok(())
+}
+
+/// What the node roles are built from, checked before anything starts.
+pub struct NodePlan {
+    pub node_name: String,
+    pub node_ip: IpAddr,
+    pub cri: keel_cri::ServerConfig,
+    pub cni: keel_cni::install::InstallSpec,
+    pub agent: keel_agent::AgentConfig,
+    pub proxy: Option<keel_proxy::ProxyConfig>,
+}
+
+/// Checks the flags and derives every role's configuration.
+pub fn plan(
+    root: &Path,
+    config: &Config,
+    args: &NodeArgs,
+    data_dir: &Path,
+) -> anyhow::Result<NodePlan> {
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => keel_proxy::kube_source::default_node_name()
+            .context("the host name is unknown; pass --node-name")?,
+    };
+    let node_ip = args.node_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let subnet = args
+        .pod_cidr
+        .0
+        .parse()
+        .with_context(|| format!("--pod-cidr {}", args.pod_cidr.0))?;
+    let cni_dir = args.cni_dir.clone().unwrap_or_else(|| data_dir.join("cni"));
+    let plugin = std::env::current_exe()
+        .context("locate the keel binary")?
+        .with_file_name("keel-cni");
+    if !plugin.is_file() {
+        bail!(
+            "{} is missing: this node's pods need the keel-cni plugin next to keel \
+             (cargo build --release -p keel-cni), or run the control plane alone with --no-node",
+            plugin.display()
+        );
+    }
+    let cni = keel_cni::install::InstallSpec {
+        binary: plugin,
+        bin_dir: cni_dir.join("bin"),
+        conf_dir: cni_dir.join("net.d"),
+        network: "keel".into(),
+        bridge: args.bridge.clone(),
+        subnets: vec![subnet],
+        mtu: None,
+        ip_masq: true,
+        portmap: Path::new(PORTMAP).is_file(),
+        conflist_name: "10-keel.conflist".into(),
+        ipam_data_dir: Some(cni_dir.join("ipam")),
+    };
+    let cri = keel_cri::ServerConfig {
+        root: root.to_owned(),
+        socket: args.cri_socket.clone(),
+        registry: args.registry.apply(&config.registry)?,
+        cni_conf_dir: cni.conf_dir.clone(),
+        cni_bin_dir: cni.bin_dir.clone(),
+        metrics_address: None,
+        run_dir: args.run_dir.clone(),
+        cgroup_parent: args.cgroup_parent.clone(),
+        stream_address: keel_cri::streaming::DEFAULT_ADDRESS
+            .parse()
+            .expect("the default stream address parses"),
+    };
+    let mut agent = keel_agent::AgentConfig::new(node_name.clone(), args.cri_socket.clone());
+    agent.node_ip = Some(node_ip);
+    agent.pod_log_dir = args.pod_log_dir.clone();
+    agent.listen = Some(
+        args.agent_listen
+            .unwrap_or_else(|| SocketAddr::new(node_ip, 10250)),
+    );
+    let proxy = if args.disable_proxy {
+        None
+    } else {
+        let cgroup = match &args.proxy_cgroup {
+            Some(c) => c.clone(),
+            None => keel_proxy::default_cgroup().context(
+                "cgroup v2 is not mounted (no cgroup2 in /proc/self/mounts): mount it, pass \
+                 --proxy-cgroup, or --disable-proxy",
+            )?,
+        };
+        Some(keel_proxy::ProxyConfig {
+            manifests: PathBuf::new(),
+            cgroup,
+            bpffs_dir: args.bpffs_dir.clone(),
+            healthz_addr: args.proxy_healthz_address,
+            metrics_addr: None,
+            poll_interval: Duration::from_secs(1),
+            node: keel_proxy::model::NodeContext {
+                node_name: Some(node_name.clone()),
+                node_ips: vec![node_ip],
+            },
+            tc_interfaces: Vec::new(),
+            tc_netns: None,
+        })
+    };
+    Ok(NodePlan {
+        node_name,
+        node_ip,
+        cri,
+        cni,
+        agent,
+        proxy,
+    })
+}
+
+/// Waits until the CRI socket accepts connections (the endpoint started beside us).
+pub async fn wait_for_cri(socket: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if keel_cri::client::connect(socket).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the CRI endpoint did not come up on {}", socket.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The agent of this node, as the node (credential minted from the join token).
+pub async fn run_agent(
+    agent: keel_agent::AgentConfig,
+    kubeconfig: PathBuf,
+    join_token: String,
+) -> anyhow::Result<()> {
+    wait_for_cri(&agent.cri_socket).await?;
+    let agent = keel_agent::Agent::from_kubeconfig(agent, &kubeconfig, Some(&join_token))
+        .await
+        .context("agent")?;
+    agent.run().await.context("agent")
+}
+
+/// Starts the proxy against the API server (on a blocking thread: it runs its own runtime).
+pub async fn start_proxy(
+    cfg: keel_proxy::ProxyConfig,
+    kubeconfig: PathBuf,
+) -> anyhow::Result<keel_proxy::Proxy> {
+    tokio::task::spawn_blocking(move || {
+        let source = keel_proxy::kube_source::ApiSource::Kubeconfig(kubeconfig);
+        keel_proxy::Proxy::start_api(cfg, &source)
+    })
+    .await
+    .context("proxy start")?
+    .context("proxy")
+}
