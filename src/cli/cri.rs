@@ -41,7 +41,8 @@ pub struct CriArgs {
     /// cgroup parent of pods whose sandbox config names none (kubelet always names one).
     #[arg(long, value_name = "PATH", default_value = "keel")]
     pub cgroup_parent: String,
-    /// Serve the streaming server (the URLs Exec and PortForward answer; WebSocket, no SPDY)
+    /// Serve the streaming server (the URLs Exec, Attach and PortForward answer; WebSocket, no
+    /// SPDY)
     /// on IP:PORT; port 0 picks a free one. Loopback by default: kubelet connects from the node.
     #[arg(long, value_name = "ADDR", default_value = keel_cri::streaming::DEFAULT_ADDRESS)]
     pub stream_address: SocketAddr,
