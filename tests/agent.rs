@@ -812,8 +812,8 @@ fn kubectl_in(
 }
 
 /// `keel server` without --no-node is a single-node cluster by itself: its node (CRI endpoint,
-/// agent, proxy in the same process) turns Ready, runs a pod and serves its log; SIGTERM stops
-/// it cleanly. Everything runs inside the test's network namespace; the proxy's socket hooks
+/// agent, proxy in the same process) turns Ready, runs a pod and serves its log, probes gate
+/// readiness and restart a container that fails liveness; SIGTERM stops it cleanly. Everything runs inside the test's network namespace; the proxy's socket hooks
 /// attach to the test's cgroup, its pins live under a bpffs dir of the test's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_is_a_single_node_cluster() {
@@ -946,6 +946,72 @@ async fn server_is_a_single_node_cluster() {
     .await;
     assert_eq!(out, "hello from the server node\n");
 
+    // Probes: readiness over HTTP gates Ready; a failing liveness exec probe restarts.
+    let probed = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "probed", "namespace": "default"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [
+            {"name": "web", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+             "command": ["sh", "-c", "sleep 4; mkdir -p /www; echo ok > /www/index.html; exec httpd -f -p 8080 -h /www"],
+             "ports": [{"name": "http", "containerPort": 8080}],
+             "readinessProbe": {"httpGet": {"port": "http", "path": "/"}, "periodSeconds": 1}},
+            {"name": "live", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+             "command": ["sh", "-c", "touch /tmp/alive; sleep 3; rm /tmp/alive; sleep 3600"],
+             "livenessProbe": {"exec": {"command": ["test", "-f", "/tmp/alive"]},
+                               "periodSeconds": 1, "failureThreshold": 2}}
+        ]}
+    });
+    let (ok, out) = kubectl_in(
+        &netns,
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&probed.to_string()),
+    );
+    assert!(ok, "kubectl apply: {out}");
+    let ready_of = |name: &'static str| {
+        let netns = netns.clone();
+        let kubeconfig = kubeconfig.clone();
+        move || {
+            let (_, out) = kubectl_in(
+                &netns,
+                &kubeconfig,
+                &[
+                    "get",
+                    "pod",
+                    "probed",
+                    "-o",
+                    &format!(
+                        "jsonpath={{.status.containerStatuses[?(@.name==\"{name}\")].ready}} {{.status.containerStatuses[?(@.name==\"{name}\")].state.running.startedAt}} {{.status.containerStatuses[?(@.name==\"{name}\")].restartCount}}"
+                    ),
+                ],
+                None,
+            );
+            out
+        }
+    };
+    let web = ready_of("web");
+    let first = wait_for("web running", 30, || async {
+        let out = web();
+        let f: Vec<&str> = out.split_whitespace().collect();
+        (f.len() == 3).then_some(out)
+    })
+    .await;
+    assert!(
+        first.starts_with("false "),
+        "not ready before its probe succeeds: {first}"
+    );
+    wait_for("web ready once httpd answers", 30, || async {
+        web().starts_with("true ").then_some(())
+    })
+    .await;
+    let live = ready_of("live");
+    wait_for("live restarted by its liveness probe", 40, || async {
+        let out = live();
+        let restarts: u32 = out.split_whitespace().last()?.parse().ok()?;
+        (restarts >= 1).then_some(())
+    })
+    .await;
+
     // The proxy serves a Service of the pod from its maps: ClusterIP -> pod IP.
     let svc = json!({
         "apiVersion": "v1", "kind": "Service",
@@ -996,7 +1062,7 @@ async fn server_is_a_single_node_cluster() {
     let pods = node.keel_ok(&["pod", "ls", "-q"]);
     assert_eq!(
         pods.split_whitespace().count(),
-        1,
-        "the pod keeps running: {pods}"
+        2,
+        "the pods keep running: {pods}"
     );
 }

@@ -13,9 +13,10 @@
 //! | `pod_status.rs` | pure: CRI sandbox + container states -> `PodStatus`; the restart decision and back-off |
 //! | `pod_sync.rs` | the pod watcher and the sync loop: CRI calls, status writes, deletions, orphan teardown |
 //! | `logs.rs` | pure: which CRI log file, which lines, how `kubectl logs` shows them |
+//! | `probes.rs` | startup, readiness and liveness probes (exec, httpGet, tcpSocket): one task per probed container |
 //! | `log_server.rs` | the HTTPS log endpoint the API server proxies `pods/log` to (node credential only, pinned certificate) |
 //!
-//! Not yet: probes (a running container counts as ready), init containers, volumes, image pull
+//! Not yet: init containers, volumes, image pull
 //! secrets, `valueFrom` env, events, exec/attach/port-forward streaming.
 
 mod log_server;
@@ -24,6 +25,7 @@ mod node;
 mod pod_spec;
 mod pod_status;
 mod pod_sync;
+mod probes;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -38,6 +38,8 @@ pub(crate) struct Observed {
     pub restart_count: u32,
     /// Waiting for the restart back-off to pass.
     pub backing_off: bool,
+    /// What the container's probes concluded; None: it has none.
+    pub probes: Option<crate::probes::Verdict>,
 }
 
 /// The sandbox as the CRI last saw it.
@@ -132,8 +134,8 @@ fn container_status(name: &str, image: &str, o: Option<&Observed>) -> ContainerS
         state: Some(state),
         last_state: last,
         restart_count: o.restart_count as i32,
-        ready: running,
-        started: Some(running),
+        ready: running && o.probes.is_none_or(|v| v.started && v.ready),
+        started: Some(running && o.probes.is_none_or(|v| v.started)),
         ..Default::default()
     }
 }
@@ -256,6 +258,7 @@ mod tests {
             },
             restart_count: restarts,
             backing_off,
+            probes: None,
         }
     }
 
@@ -321,6 +324,29 @@ mod tests {
         assert!(cs.ready);
         assert_eq!(cs.container_id.as_deref(), Some("keel://abc"));
         assert_eq!(cs.image_id, "sha256:1");
+
+        // With probes, running is not enough: started and ready must be concluded.
+        for (started, ready, want) in [
+            (false, false, "False"),
+            (true, false, "False"),
+            (true, true, "True"),
+        ] {
+            let mut probed = o.clone();
+            probed.probes = Some(crate::probes::Verdict {
+                started,
+                ready,
+                failed: None,
+            });
+            let s = pod_status(
+                &pod("Always"),
+                Some(&sb),
+                &|_| Some(probed.clone()),
+                "10.0.0.1",
+                Timestamp::now(),
+            );
+            assert_eq!(cond(&s, "Ready"), want, "started {started} ready {ready}");
+            assert_eq!(s.container_statuses.unwrap()[0].started, Some(started));
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use crate::pod_spec::{self, DnsSettings, LABEL_CONTAINER_NAME, LABEL_POD_UID};
 use crate::pod_status::{self, Observed, SandboxView};
+use crate::probes::Probers;
 use crate::{AgentConfig, AgentError, Cri, api_err, cri_err};
 
 /// Runs the watcher and the sync loop; returns only if the watcher stream ends.
@@ -61,6 +62,9 @@ pub(crate) async fn run(
         config,
         host_ip: node_ip.to_string(),
         written: HashMap::new(),
+        probers: Probers::default(),
+        running: HashSet::new(),
+        stopping: Arc::default(),
     };
     loop {
         if watch.is_finished() {
@@ -84,6 +88,12 @@ struct Syncer {
     host_ip: String,
     /// The last status written, by pod uid.
     written: HashMap<String, PodStatus>,
+    /// The probe tasks of running containers.
+    probers: Probers,
+    /// Running containers seen in this pass (their probers stay).
+    running: HashSet<String>,
+    /// Containers being stopped after a failed probe.
+    stopping: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 fn uid_of(labels: &HashMap<String, String>) -> Option<&str> {
@@ -122,6 +132,7 @@ impl Syncer {
             }
         }
         let mut known = HashSet::new();
+        self.running.clear();
         for pod in pods.iter() {
             let k = pod_spec::key(pod);
             known.insert(k.uid.clone());
@@ -146,6 +157,8 @@ impl Syncer {
             }
         }
         self.written.retain(|uid, _| known.contains(uid));
+        let running = std::mem::take(&mut self.running);
+        self.probers.retain(&running);
         Ok(())
     }
 
@@ -281,6 +294,50 @@ impl Syncer {
             })
     }
 
+    /// Stops a container whose liveness or startup probe failed, within the pod's grace period,
+    /// in the background (a long grace period must not hold the other pods' sync); a later pass
+    /// restarts it by the restart policy.
+    fn kill_unhealthy(
+        &mut self,
+        pod: &Pod,
+        c: &k8s_openapi::api::core::v1::Container,
+        id: &str,
+        why: &str,
+    ) {
+        if !self
+            .stopping
+            .lock()
+            .expect("stopping lock")
+            .insert(id.to_owned())
+        {
+            return;
+        }
+        let grace = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        tracing::info!(
+            pod = %format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or_default(),
+                pod.metadata.name.as_deref().unwrap_or_default()),
+            container = %c.name,
+            "{why} probe failed, container will be restarted"
+        );
+        let mut cri = self.cri.clone();
+        let stopping = self.stopping.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let req = api::StopContainerRequest {
+                container_id: id.clone(),
+                timeout: grace,
+            };
+            if let Err(e) = cri.runtime.stop_container(req).await {
+                tracing::warn!(container = %id, "stop after a failed probe: {e}");
+            }
+            stopping.lock().expect("stopping lock").remove(&id);
+        });
+    }
+
     /// Creates and starts restart number `attempt` of container `c`.
     async fn start_container(
         &mut self,
@@ -403,6 +460,7 @@ impl Syncer {
                             status: self.container_status(&id).await?,
                             restart_count: 0,
                             backing_off: false,
+                            probes: None,
                         }
                     }
                     Some(newest) => {
@@ -452,9 +510,22 @@ impl Syncer {
                             status,
                             restart_count,
                             backing_off,
+                            probes: None,
                         }
                     }
                 };
+                let mut o = o;
+                if o.status.state == api::ContainerState::ContainerRunning as i32 {
+                    let pod_ip = sandbox_view
+                        .as_ref()
+                        .and_then(|v| v.ips.first())
+                        .and_then(|ip| ip.parse().ok());
+                    self.running.insert(o.status.id.clone());
+                    o.probes = self.probers.verdict(&o.status.id, c, pod_ip, &self.cri);
+                    if let Some(why) = o.probes.and_then(|v| v.failed) {
+                        self.kill_unhealthy(pod, c, &o.status.id, why);
+                    }
+                }
                 observed.insert(c.name.clone(), o);
             }
         }
