@@ -918,9 +918,24 @@ async fn server_is_a_single_node_cluster() {
         "metadata": {"name": "hello", "namespace": "default", "labels": {"app": "hello"}},
         "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
             "name": "main", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-            "command": ["sh", "-c", "echo hello from the server node; sleep 3600"]
+            "command": ["sh", "-c", "echo hello from the server node; echo $(POD) $NODE $MODE $MISSING.; sleep 3600"],
+            "env": [
+                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
+                {"name": "MISSING", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k", "optional": true}}}
+            ]
         }]}
     });
+    let settings = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "settings", "namespace": "default"}, "data": {"mode": "fast"}});
+    let (ok, out) = kubectl_in(
+        &netns,
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&settings.to_string()),
+    );
+    assert!(ok, "kubectl apply: {out}");
     let (ok, out) = kubectl_in(
         &netns,
         &kubeconfig,
@@ -941,10 +956,14 @@ async fn server_is_a_single_node_cluster() {
     .await;
     let out = wait_for("kubectl logs hello", 20, || async {
         let (ok, out) = kc(&["logs", "hello"]);
-        (ok && !out.is_empty()).then_some(out)
+        (ok && out.lines().count() >= 2).then_some(out)
     })
     .await;
-    assert_eq!(out, "hello from the server node\n");
+    // The environment: fieldRefs, a ConfigMap key, an optional missing Secret, $(VAR) in args.
+    assert_eq!(
+        out,
+        "hello from the server node\nhello keel-test-server fast .\n"
+    );
 
     // Probes: readiness over HTTP gates Ready; a failing liveness exec probe restarts.
     let probed = json!({

@@ -10,18 +10,19 @@
 //! | --- | --- |
 //! | `node.rs` | machine capacity (pure `/proc/meminfo` parsing), the Node object, registration, Lease and Ready heartbeats |
 //! | `pod_spec.rs` | pure: Pod -> CRI `PodSandboxConfig` / `ContainerConfig` (DNS, ports, env, resources, security context) |
+//! | `pod_env.rs` | pure: a container's environment (envFrom, valueFrom fieldRef/configMapKeyRef/secretKeyRef, `$(VAR)`) |
 //! | `pod_status.rs` | pure: CRI sandbox + container states -> `PodStatus`; the restart decision and back-off |
 //! | `pod_sync.rs` | the pod watcher and the sync loop: CRI calls, status writes, deletions, orphan teardown |
 //! | `logs.rs` | pure: which CRI log file, which lines, how `kubectl logs` shows them |
 //! | `probes.rs` | startup, readiness and liveness probes (exec, httpGet, tcpSocket): one task per probed container |
 //! | `log_server.rs` | the HTTPS log endpoint the API server proxies `pods/log` to (node credential only, pinned certificate) |
 //!
-//! Not yet: init containers, volumes, image pull
-//! secrets, `valueFrom` env, events, exec/attach/port-forward streaming.
+//! Not yet: init containers, volumes, image pull secrets, `resourceFieldRef` env, events, exec/attach/port-forward streaming.
 
 mod log_server;
 mod logs;
 mod node;
+mod pod_env;
 mod pod_spec;
 mod pod_status;
 mod pod_sync;

@@ -225,23 +225,30 @@ pub(crate) fn resources(
     Ok(out)
 }
 
-/// CreateContainer's config for restart number `attempt` of container `c`.
+/// CreateContainer's config for restart number `attempt` of container `c`, with its
+/// environment `env` (see pod_env.rs); `$(VAR)` in the command and args is expanded from it.
 pub(crate) fn container_config(
     pod: &Pod,
     c: &Container,
     attempt: u32,
+    env: Vec<(String, String)>,
 ) -> Result<api::ContainerConfig, AgentError> {
     let k = key(pod);
     let spec = pod.spec.clone().unwrap_or_default();
-    let envs = c
-        .env
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| e.value_from.is_none())
-        .map(|e| api::KeyValue {
-            key: e.name,
-            value: e.value.unwrap_or_default(),
+    let lookup = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let expand_all = |v: &Option<Vec<String>>| -> Vec<String> {
+        v.iter()
+            .flatten()
+            .map(|a| crate::pod_env::expand(a, &lookup))
+            .collect()
+    };
+    let command = expand_all(&c.command);
+    let args = expand_all(&c.args);
+    let envs = env
+        .iter()
+        .map(|(key, value)| api::KeyValue {
+            key: key.clone(),
+            value: value.clone(),
         })
         .collect();
     let sc = c.security_context.clone().unwrap_or_default();
@@ -287,8 +294,8 @@ pub(crate) fn container_config(
             image: c.image.clone().unwrap_or_default(),
             ..Default::default()
         }),
-        command: c.command.clone().unwrap_or_default(),
-        args: c.args.clone().unwrap_or_default(),
+        command,
+        args,
         working_dir: c.working_dir.clone().unwrap_or_default(),
         envs,
         labels: HashMap::from([
@@ -384,12 +391,16 @@ mod tests {
     fn container_config_translates_spec() {
         let p = web();
         let c = &p.spec.as_ref().unwrap().containers[0];
-        let cc = container_config(&p, c, 2).unwrap();
+        let env = vec![("A".to_string(), "1".to_string())];
+        let cc = container_config(&p, c, 2, env).unwrap();
         assert_eq!(cc.metadata.as_ref().unwrap().attempt, 2);
         assert_eq!(cc.command, ["sh"]);
         assert_eq!(cc.args, ["-c", "true"]);
         assert_eq!(cc.working_dir, "/tmp");
-        assert_eq!(cc.envs.len(), 1, "valueFrom is not served yet");
+        assert_eq!(
+            (cc.envs[0].key.as_str(), cc.envs[0].value.as_str()),
+            ("A", "1")
+        );
         assert_eq!(cc.log_path, "c/2.log");
         assert_eq!(cc.labels[LABEL_CONTAINER_NAME], "c");
         let linux = cc.linux.unwrap();
@@ -418,7 +429,9 @@ mod tests {
                 k8s_openapi::apimachinery::pkg::api::resource::Quantity("lots".into()),
             );
         let c = p.spec.as_ref().unwrap().containers[0].clone();
-        let e = container_config(&p, &c, 0).unwrap_err().to_string();
+        let e = container_config(&p, &c, 0, Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("prod/web") && e.contains("lots"), "{e}");
     }
 }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret};
 use k8s_openapi::jiff::Timestamp;
 use keel_cri::api;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
@@ -21,6 +21,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::sync::Notify;
 
+use crate::pod_env::{self, EnvSources};
 use crate::pod_spec::{self, DnsSettings, LABEL_CONTAINER_NAME, LABEL_POD_UID};
 use crate::pod_status::{self, Observed, SandboxView};
 use crate::probes::Probers;
@@ -338,6 +339,58 @@ impl Syncer {
         });
     }
 
+    /// The environment of `c`: reads the ConfigMaps and Secrets it names (a missing one is
+    /// left out of the sources, so an optional reference is skipped and a required one named).
+    async fn container_env(
+        &self,
+        pod: &Pod,
+        c: &k8s_openapi::api::core::v1::Container,
+        pod_ip: Option<&str>,
+    ) -> Result<Vec<(String, String)>, AgentError> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let (cm_names, secret_names) = pod_env::referenced(c);
+        let mut src = EnvSources {
+            pod_ip: pod_ip.map(str::to_string),
+            host_ip: self.host_ip.clone(),
+            ..Default::default()
+        };
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        for name in cm_names {
+            if let Some(cm) = cms
+                .get_opt(&name)
+                .await
+                .map_err(api_err(format!("get configmap {ns}/{name}")))?
+            {
+                let mut data = cm.data.unwrap_or_default();
+                for (k, v) in cm.binary_data.unwrap_or_default() {
+                    data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
+                }
+                src.config_maps.insert(name, data);
+            }
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        for name in secret_names {
+            if let Some(sec) = secrets
+                .get_opt(&name)
+                .await
+                .map_err(api_err(format!("get secret {ns}/{name}")))?
+            {
+                let mut data: std::collections::BTreeMap<String, String> = sec
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                    .collect();
+                data.extend(sec.string_data.unwrap_or_default());
+                src.secrets.insert(name, data);
+            }
+        }
+        pod_env::container_env(pod, c, &src).map_err(|reason| AgentError::PodSpec {
+            pod: format!("{ns}/{}", pod.metadata.name.as_deref().unwrap_or_default()),
+            reason: format!("container {}: {reason}", c.name),
+        })
+    }
+
     /// Creates and starts restart number `attempt` of container `c`.
     async fn start_container(
         &mut self,
@@ -346,13 +399,15 @@ impl Syncer {
         sandbox_config: &api::PodSandboxConfig,
         c: &k8s_openapi::api::core::v1::Container,
         attempt: u32,
+        pod_ip: Option<&str>,
     ) -> Result<String, AgentError> {
         self.ensure_image(
             c.image.as_deref().unwrap_or_default(),
             c.image_pull_policy.as_deref(),
         )
         .await?;
-        let config = pod_spec::container_config(pod, c, attempt)?;
+        let env = self.container_env(pod, c, pod_ip).await?;
+        let config = pod_spec::container_config(pod, c, attempt, env)?;
         let id = self
             .cri
             .runtime
@@ -441,7 +496,9 @@ impl Syncer {
                 ips.push(net.ip);
             }
             ips.extend(net.additional_ips.into_iter().map(|ip| ip.ip));
+            let first_ip = ips.first().cloned();
             sandbox_view = Some(SandboxView { ips });
+            let pod_ip = first_ip.as_deref();
             for c in &spec.containers {
                 let mut mine: Vec<&api::Container> = ctrs
                     .iter()
@@ -454,7 +511,7 @@ impl Syncer {
                 let o = match mine.last() {
                     None => {
                         let id = self
-                            .start_container(pod, sid, &sandbox_config, c, 0)
+                            .start_container(pod, sid, &sandbox_config, c, 0, pod_ip)
                             .await?;
                         Observed {
                             status: self.container_status(&id).await?,
@@ -488,7 +545,14 @@ impl Syncer {
                                 + i128::try_from(delay.as_nanos()).unwrap_or(i128::MAX);
                             if Timestamp::now().as_nanosecond() >= due {
                                 let id = self
-                                    .start_container(pod, sid, &sandbox_config, c, attempt + 1)
+                                    .start_container(
+                                        pod,
+                                        sid,
+                                        &sandbox_config,
+                                        c,
+                                        attempt + 1,
+                                        pod_ip,
+                                    )
                                     .await?;
                                 // Keep the instance just exited (its log), drop older ones.
                                 for old in mine.iter().take(mine.len().saturating_sub(1)) {
@@ -516,12 +580,9 @@ impl Syncer {
                 };
                 let mut o = o;
                 if o.status.state == api::ContainerState::ContainerRunning as i32 {
-                    let pod_ip = sandbox_view
-                        .as_ref()
-                        .and_then(|v| v.ips.first())
-                        .and_then(|ip| ip.parse().ok());
+                    let probe_ip = pod_ip.and_then(|ip| ip.parse().ok());
                     self.running.insert(o.status.id.clone());
-                    o.probes = self.probers.verdict(&o.status.id, c, pod_ip, &self.cri);
+                    o.probes = self.probers.verdict(&o.status.id, c, probe_ip, &self.cri);
                     if let Some(why) = o.probes.and_then(|v| v.failed) {
                         self.kill_unhealthy(pod, c, &o.status.id, why);
                     }
