@@ -331,6 +331,8 @@ fn start_agent(node: &NodeRes, kubeconfig: &Path, n: u32) -> Proc {
         .args(["--listen", "127.0.0.1:0"])
         .args(["--node-ip", "127.0.0.1", "--pod-log-dir"])
         .arg(dir.join("pod-logs"))
+        .arg("--pod-dir")
+        .arg(dir.join("agent-pods"))
         .args(["--heartbeat-interval", "1", "--restart-backoff", "0.5"])
         .args(["--reserved-cpu", "100"])
         .env_remove("KEEL_CONFIG")
@@ -916,9 +918,14 @@ async fn server_is_a_single_node_cluster() {
     let manifest = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "hello", "namespace": "default", "labels": {"app": "hello"}},
-        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+        "spec": {"terminationGracePeriodSeconds": 1,
+                 "volumes": [{"name": "settings", "configMap": {"name": "settings"}},
+                             {"name": "scratch", "emptyDir": {}}],
+                 "containers": [{
             "name": "main", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-            "command": ["sh", "-c", "echo hello from the server node; echo $(POD) $NODE $MODE $MISSING.; sleep 3600"],
+            "command": ["sh", "-c", "echo hello from the server node; echo $(POD) $NODE $MODE $MISSING.; cat /etc/settings/mode; echo kept > /scratch/f; cat /scratch/f; sleep 3600"],
+            "volumeMounts": [{"name": "settings", "mountPath": "/etc/settings", "readOnly": true},
+                             {"name": "scratch", "mountPath": "/scratch"}],
             "env": [
                 {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -954,15 +961,22 @@ async fn server_is_a_single_node_cluster() {
         (ok && out.starts_with("keel-test-server Running 10.250.9.")).then_some(())
     })
     .await;
-    let out = wait_for("kubectl logs hello", 20, || async {
-        let (ok, out) = kc(&["logs", "hello"]);
-        (ok && out.lines().count() >= 2).then_some(out)
-    })
-    .await;
-    // The environment: fieldRefs, a ConfigMap key, an optional missing Secret, $(VAR) in args.
+    let last = std::sync::Mutex::new(String::new());
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        wait_for("kubectl logs hello", 30, || async {
+            let (ok, out) = kc(&["logs", "hello"]);
+            *last.lock().unwrap() = out.clone();
+            (ok && out.lines().count() >= 3).then_some(out)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("kubectl logs hello: {}", last.lock().unwrap()));
+    // The environment: fieldRefs, a ConfigMap key, an optional missing Secret, $(VAR) in args;
+    // the volumes: a ConfigMap mounted read-only (its value has no newline), an emptyDir.
     assert_eq!(
         out,
-        "hello from the server node\nhello keel-test-server fast .\n"
+        "hello from the server node\nhello keel-test-server fast .\nfastkept\n"
     );
 
     // Probes: readiness over HTTP gates Ready; a failing liveness exec probe restarts.
@@ -1062,6 +1076,17 @@ async fn server_is_a_single_node_cluster() {
     })
     .await;
 
+    // Deleting the pod removes its volumes from the node.
+    let (_, uid) = kc(&["get", "pod", "hello", "-o", "jsonpath={.metadata.uid}"]);
+    let volumes = dir.join("agent/pods").join(uid.trim());
+    assert!(volumes.join("volumes/configmap/settings/mode").is_file());
+    let (ok, out) = kc(&["delete", "pod", "hello", "--wait=true"]);
+    assert!(ok, "{out}");
+    wait_for("the pod's volumes removed", 20, || async {
+        (!volumes.exists()).then_some(())
+    })
+    .await;
+
     // SIGTERM: the server stops cleanly and takes its CRI socket with it; the pod stays.
     let pid = rustix::process::Pid::from_raw(server.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -1081,7 +1106,7 @@ async fn server_is_a_single_node_cluster() {
     let pods = node.keel_ok(&["pod", "ls", "-q"]);
     assert_eq!(
         pods.split_whitespace().count(),
-        2,
-        "the pods keep running: {pods}"
+        1,
+        "the pod keeps running: {pods}"
     );
 }

@@ -14,10 +14,11 @@
 //! | `pod_status.rs` | pure: CRI sandbox + container states -> `PodStatus`; the restart decision and back-off |
 //! | `pod_sync.rs` | the pod watcher and the sync loop: CRI calls, status writes, deletions, orphan teardown |
 //! | `logs.rs` | pure: which CRI log file, which lines, how `kubectl logs` shows them |
+//! | `volumes.rs` | a pod's emptyDir, hostPath, configMap and secret volumes under the pod dir, and the containers' mounts |
 //! | `probes.rs` | startup, readiness and liveness probes (exec, httpGet, tcpSocket): one task per probed container |
 //! | `log_server.rs` | the HTTPS log endpoint the API server proxies `pods/log` to (node credential only, pinned certificate) |
 //!
-//! Not yet: init containers, volumes, image pull secrets, `resourceFieldRef` env, events, exec/attach/port-forward streaming.
+//! Not yet: init containers, other volume types (PVCs, projected, downwardAPI), image pull secrets, `resourceFieldRef` env, events, exec/attach/port-forward streaming.
 
 mod log_server;
 mod logs;
@@ -27,6 +28,7 @@ mod pod_spec;
 mod pod_status;
 mod pod_sync;
 mod probes;
+mod volumes;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -84,6 +86,8 @@ pub struct AgentConfig {
     pub cri_socket: PathBuf,
     /// Pod logs go to `<pod_log_dir>/<namespace>_<name>_<uid>/<container>/<restart>.log`.
     pub pod_log_dir: PathBuf,
+    /// Pods' volumes live in `<pod_dir>/<uid>/volumes/<kind>/<name>`.
+    pub pod_dir: PathBuf,
     /// The InternalIP address and every pod's hostIP. None: 127.0.0.1.
     pub node_ip: Option<IpAddr>,
     /// CPU kept from pods, in millicores (capacity - reserved = allocatable).
@@ -115,6 +119,7 @@ impl AgentConfig {
             node_name: node_name.into(),
             cri_socket: cri_socket.into(),
             pod_log_dir: PathBuf::from("/var/log/pods"),
+            pod_dir: PathBuf::from("/var/lib/keel/agent/pods"),
             node_ip: None,
             reserved_cpu_millis: 0,
             reserved_memory_bytes: 0,

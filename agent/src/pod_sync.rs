@@ -7,7 +7,7 @@
 //! links them to pods by the pod uid label, so a restarted agent adopts what it finds. The
 //! only memory is the last status written per pod (to skip unchanged writes).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -25,6 +25,7 @@ use crate::pod_env::{self, EnvSources};
 use crate::pod_spec::{self, DnsSettings, LABEL_CONTAINER_NAME, LABEL_POD_UID};
 use crate::pod_status::{self, Observed, SandboxView};
 use crate::probes::Probers;
+use crate::volumes;
 use crate::{AgentConfig, AgentError, Cri, api_err, cri_err};
 
 /// Runs the watcher and the sync loop; returns only if the watcher stream ends.
@@ -97,6 +98,9 @@ struct Syncer {
     stopping: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
+/// ConfigMap or Secret data by object name, then key.
+type ObjectData = HashMap<String, BTreeMap<String, Vec<u8>>>;
+
 fn uid_of(labels: &HashMap<String, String>) -> Option<&str> {
     labels.get(LABEL_POD_UID).map(String::as_str)
 }
@@ -153,8 +157,9 @@ impl Syncer {
                 uid,
                 "tearing down the sandbox of a pod the API no longer has"
             );
-            if let Err(e) = self.teardown(&sbs, &ctrs, 0).await {
-                tracing::warn!(uid, "{e}");
+            match self.teardown(&sbs, &ctrs, 0).await {
+                Ok(()) => volumes::remove(&self.config.pod_dir, &uid),
+                Err(e) => tracing::warn!(uid, "{e}"),
             }
         }
         self.written.retain(|uid, _| known.contains(uid));
@@ -217,6 +222,7 @@ impl Syncer {
         let k = pod_spec::key(pod);
         let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
         self.teardown(sbs, ctrs, grace).await?;
+        volumes::remove(&self.config.pod_dir, &k.uid);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &k.namespace);
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
@@ -339,56 +345,102 @@ impl Syncer {
         });
     }
 
-    /// The environment of `c`: reads the ConfigMaps and Secrets it names (a missing one is
-    /// left out of the sources, so an optional reference is skipped and a required one named).
-    async fn container_env(
+    /// The data of the ConfigMaps and Secrets named (those that exist), by name.
+    async fn fetch_sources(
         &self,
-        pod: &Pod,
-        c: &k8s_openapi::api::core::v1::Container,
-        pod_ip: Option<&str>,
-    ) -> Result<Vec<(String, String)>, AgentError> {
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        let (cm_names, secret_names) = pod_env::referenced(c);
-        let mut src = EnvSources {
-            pod_ip: pod_ip.map(str::to_string),
-            host_ip: self.host_ip.clone(),
-            ..Default::default()
-        };
-        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        ns: &str,
+        cm_names: Vec<String>,
+        secret_names: Vec<String>,
+    ) -> Result<(ObjectData, ObjectData), AgentError> {
+        let mut config_maps = HashMap::new();
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         for name in cm_names {
+            if config_maps.contains_key(&name) {
+                continue;
+            }
             if let Some(cm) = cms
                 .get_opt(&name)
                 .await
                 .map_err(api_err(format!("get configmap {ns}/{name}")))?
             {
-                let mut data = cm.data.unwrap_or_default();
+                let mut data: BTreeMap<String, Vec<u8>> = cm
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
                 for (k, v) in cm.binary_data.unwrap_or_default() {
-                    data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
+                    data.insert(k, v.0);
                 }
-                src.config_maps.insert(name, data);
+                config_maps.insert(name, data);
             }
         }
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let mut secret_data = HashMap::new();
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         for name in secret_names {
+            if secret_data.contains_key(&name) {
+                continue;
+            }
             if let Some(sec) = secrets
                 .get_opt(&name)
                 .await
                 .map_err(api_err(format!("get secret {ns}/{name}")))?
             {
-                let mut data: std::collections::BTreeMap<String, String> = sec
+                let mut data: BTreeMap<String, Vec<u8>> = sec
                     .data
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                    .map(|(k, v)| (k, v.0))
                     .collect();
-                data.extend(sec.string_data.unwrap_or_default());
-                src.secrets.insert(name, data);
+                for (k, v) in sec.string_data.unwrap_or_default() {
+                    data.insert(k, v.into_bytes());
+                }
+                secret_data.insert(name, data);
             }
         }
-        pod_env::container_env(pod, c, &src).map_err(|reason| AgentError::PodSpec {
+        Ok((config_maps, secret_data))
+    }
+
+    /// The environment and mounts of `c`: the ConfigMaps and Secrets its env and the pod's
+    /// volumes name are read, the volumes made under the pod dir.
+    async fn env_and_mounts(
+        &self,
+        pod: &Pod,
+        c: &k8s_openapi::api::core::v1::Container,
+        pod_ip: Option<&str>,
+    ) -> Result<(Vec<(String, String)>, Vec<api::Mount>), AgentError> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let spec_err = |reason: String| AgentError::PodSpec {
             pod: format!("{ns}/{}", pod.metadata.name.as_deref().unwrap_or_default()),
             reason: format!("container {}: {reason}", c.name),
-        })
+        };
+        let (mut cm_names, mut secret_names) = pod_env::referenced(c);
+        let (vol_cms, vol_secrets) = volumes::referenced(pod);
+        cm_names.extend(vol_cms);
+        secret_names.extend(vol_secrets);
+        let (config_maps, secrets) = self.fetch_sources(&ns, cm_names, secret_names).await?;
+        let text = |m: &ObjectData| -> HashMap<String, BTreeMap<String, String>> {
+            m.iter()
+                .map(|(name, d)| {
+                    let d = d
+                        .iter()
+                        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                        .collect();
+                    (name.clone(), d)
+                })
+                .collect()
+        };
+        let src = EnvSources {
+            config_maps: text(&config_maps),
+            secrets: text(&secrets),
+            pod_ip: pod_ip.map(str::to_string),
+            host_ip: self.host_ip.clone(),
+        };
+        let env = pod_env::container_env(pod, c, &src).map_err(spec_err)?;
+        let vols = volumes::prepare(&self.config.pod_dir, pod, &config_maps, &secrets)
+            .map_err(spec_err)?;
+        let mounts = volumes::mounts(c, &vols).map_err(spec_err)?;
+        Ok((env, mounts))
     }
 
     /// Creates and starts restart number `attempt` of container `c`.
@@ -406,8 +458,9 @@ impl Syncer {
             c.image_pull_policy.as_deref(),
         )
         .await?;
-        let env = self.container_env(pod, c, pod_ip).await?;
-        let config = pod_spec::container_config(pod, c, attempt, env)?;
+        let (env, mounts) = self.env_and_mounts(pod, c, pod_ip).await?;
+        let mut config = pod_spec::container_config(pod, c, attempt, env)?;
+        config.mounts = mounts;
         let id = self
             .cri
             .runtime

@@ -48,6 +48,9 @@ pub struct AgentArgs {
     /// Pod log root: `<DIR>/<namespace>_<name>_<uid>/<container>/<restart>.log`.
     #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
     pub pod_log_dir: PathBuf,
+    /// Pods' volumes (emptyDir, configMap, secret): `<DIR>/<uid>/volumes/...`.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/keel/agent/pods")]
+    pub pod_dir: PathBuf,
     /// CPU kept from pods, in millicores.
     #[arg(long, value_name = "MILLICORES", default_value_t = 0)]
     pub reserved_cpu: u64,
@@ -80,6 +83,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let mut config = AgentConfig::new(args.node_name, args.cri_socket);
     config.node_ip = args.node_ip;
     config.pod_log_dir = args.pod_log_dir;
+    config.pod_dir = args.pod_dir;
     config.reserved_cpu_millis = args.reserved_cpu;
     config.reserved_memory_bytes = args.reserved_memory;
     config.max_pods = args.max_pods;

@@ -159,6 +159,7 @@ pub fn plan(
     let mut agent = keel_agent::AgentConfig::new(node_name.clone(), args.cri_socket.clone());
     agent.node_ip = Some(node_ip);
     agent.pod_log_dir = args.pod_log_dir.clone();
+    agent.pod_dir = root.join("agent/pods");
     agent.listen = Some(
         args.agent_listen
             .unwrap_or_else(|| SocketAddr::new(node_ip, 10250)),
