@@ -979,6 +979,47 @@ async fn server_is_a_single_node_cluster() {
         "hello from the server node\nhello keel-test-server fast .\nfastkept\n"
     );
 
+    // A container whose ConfigMap does not exist yet waits with CreateContainerConfigError
+    // naming it, and starts once the ConfigMap is there.
+    let waiting = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "waits", "namespace": "default"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "main", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+            "command": ["sleep", "3600"],
+            "envFrom": [{"configMapRef": {"name": "later"}}]
+        }]}
+    });
+    let (ok, out) = kubectl_in(
+        &netns,
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&waiting.to_string()),
+    );
+    assert!(ok, "kubectl apply: {out}");
+    let waiting_state = "jsonpath={.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}";
+    wait_for("CreateContainerConfigError", 30, || async {
+        let (_, out) = kc(&["get", "pod", "waits", "-o", waiting_state]);
+        (out.starts_with("CreateContainerConfigError: ")
+            && out.contains("configmap \"later\" not found"))
+        .then_some(())
+    })
+    .await;
+    let later = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "later", "namespace": "default"}, "data": {"X": "1"}});
+    let (ok, out) = kubectl_in(
+        &netns,
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&later.to_string()),
+    );
+    assert!(ok, "kubectl apply: {out}");
+    wait_for("waits Running once its ConfigMap exists", 30, || async {
+        let (_, out) = kc(&["get", "pod", "waits", "-o", "jsonpath={.status.phase}"]);
+        (out == "Running").then_some(())
+    })
+    .await;
+
     // Probes: readiness over HTTP gates Ready; a failing liveness exec probe restarts.
     let probed = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -1106,7 +1147,7 @@ async fn server_is_a_single_node_cluster() {
     let pods = node.keel_ok(&["pod", "ls", "-q"]);
     assert_eq!(
         pods.split_whitespace().count(),
-        1,
-        "the pod keeps running: {pods}"
+        2,
+        "the pods keep running: {pods}"
     );
 }

@@ -12,7 +12,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ContainerState, ContainerStateWaiting, Pod, PodStatus, Secret,
+};
 use k8s_openapi::jiff::Timestamp;
 use keel_cri::api;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
@@ -530,6 +532,7 @@ impl Syncer {
         };
         let mut sandbox_view = None;
         let mut observed: HashMap<String, Observed> = HashMap::new();
+        let mut config_errors: HashMap<String, String> = HashMap::new();
         if let Some(sid) = &sandbox_id {
             let st = self
                 .cri
@@ -562,17 +565,24 @@ impl Syncer {
                     .collect();
                 mine.sort_by_key(|x| x.metadata.as_ref().map_or(0, |m| m.attempt));
                 let o = match mine.last() {
-                    None => {
-                        let id = self
-                            .start_container(pod, sid, &sandbox_config, c, 0, pod_ip)
-                            .await?;
-                        Observed {
+                    None => match self
+                        .start_container(pod, sid, &sandbox_config, c, 0, pod_ip)
+                        .await
+                    {
+                        Ok(id) => Observed {
                             status: self.container_status(&id).await?,
                             restart_count: 0,
                             backing_off: false,
                             probes: None,
+                        },
+                        // Its env or volumes cannot be built yet (a missing ConfigMap, say):
+                        // shown in its status, retried at the next pass.
+                        Err(AgentError::PodSpec { reason, .. }) => {
+                            config_errors.insert(c.name.clone(), reason);
+                            continue;
                         }
-                    }
+                        Err(e) => return Err(e),
+                    },
                     Some(newest) => {
                         let attempt = newest.metadata.as_ref().map_or(0, |m| m.attempt);
                         let mut status = self.container_status(&newest.id).await?;
@@ -647,13 +657,24 @@ impl Syncer {
         if let Some(last) = self.written.get(&k.uid) {
             base.status = Some(last.clone());
         }
-        let status = pod_status::pod_status(
+        let mut status = pod_status::pod_status(
             &base,
             sandbox_view.as_ref(),
             &|name| observed.get(name).cloned(),
             &self.host_ip,
             Timestamp::now(),
         );
+        for cs in status.container_statuses.iter_mut().flatten() {
+            if let Some(message) = config_errors.get(&cs.name) {
+                cs.state = Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some("CreateContainerConfigError".into()),
+                        message: Some(message.clone()),
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
         if self.written.get(&k.uid) == Some(&status) {
             return Ok(());
         }
