@@ -1,15 +1,8 @@
 //! `cargo xtask`: Keel's developer tasks. `setup` installs the system packages the build and
 //! the tests need; `test` is the one command CI runs; `bench` runs a benchmark against its
-//! anchor in the same run; `image` builds the busybox test images; `run` builds keel and
+//! anchor in the same run (keel-bench, bench/); `image` builds the busybox test images; `run` builds keel and
 //! starts the main job.
 
-mod bench_api;
-mod bench_cni;
-mod bench_cri;
-mod bench_images;
-mod bench_proxy;
-mod bench_runtime;
-mod bench_scheduler;
 mod image;
 mod setup;
 
@@ -37,10 +30,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark beside its anchor and print the ratios.
+    /// Run a benchmark beside its anchor and print the ratios: builds and runs keel-bench
+    /// (bench/) once the system packages are in place. `cargo xtask bench --help` lists them.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[arg(value_enum)]
-        which: Bench,
+        /// The benchmark's name and keel-bench's flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Build test images.
     #[command(subcommand)]
@@ -63,40 +59,16 @@ enum ImageTask {
     Busybox(image::ImageArgs),
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Bench {
-    /// API server creates/s, list time, watch delay, RSS on redb and etcd vs raw etcd puts.
-    Api,
-    /// Image pull from a local registry: keel vs skopeo copy.
-    Images,
-    /// CNI ADD+DEL latency: keel-cni vs the reference bridge + host-local plugins.
-    Cni,
-    /// CRI pod start p50/p99 (sequential, burst), daemon RSS, per-pod memory: keel vs containerd 1.6.
-    Cri,
-    /// Container lifecycle and pod sandbox latency, idle monitor RSS: keel vs runc.
-    Runtime,
-    /// Service load balancing: keel's socket LB vs kube-proxy's iptables rules (1..10,000 services).
-    Proxy,
-    /// Scheduler: 1,000 simulated nodes, 10,000 pods: pods bound/s and create-to-bound p99.
-    Scheduler,
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
-        Task::Bench { which } => {
+        Task::Bench { args } => {
             setup::run()?;
-            match which {
-                Bench::Api => bench_api::run(),
-                Bench::Images => bench_images::run(),
-                Bench::Cni => bench_cni::run(),
-                Bench::Cri => bench_cri::run(),
-                Bench::Runtime => bench_runtime::run(),
-                Bench::Proxy => bench_proxy::run(),
-                Bench::Scheduler => bench_scheduler::run(),
-            }
+            let mut cmd = vec!["run", "--quiet", "-p", "keel-bench", "--"];
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&cmd)
         }
         Task::Image(ImageTask::Busybox(args)) => {
             setup::run()?;

@@ -18,6 +18,8 @@ pub const PACKAGES: &[&str] = &[
     "libseccomp-dev",
     "pkg-config",
     "protobuf-compiler",
+    // google/protobuf/*.proto, which etcd-client's protos import
+    "libprotobuf-dev",
     // the node's tools
     "iproute2",
     "iptables",

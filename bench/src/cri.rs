@@ -36,22 +36,23 @@ use keel_testkit::image_builder::{MediaTypes, Variant, build_cached, sha256_dige
 use crate::workspace_root;
 
 mod node;
+pub(crate) use node::cgroup_roots;
 use node::{Kind, Node};
 
-type Client = RuntimeServiceClient<Channel>;
+pub(crate) type Client = RuntimeServiceClient<Channel>;
 
 const PODS: usize = 30;
 const CONCURRENCY: usize = 4;
 /// Pods started and removed on each daemon before timing (first snapshot, bridge creation).
 const WARMUP: usize = 2;
-const IMAGE: &str = "example.com/keel/busybox:v1";
+pub(crate) const IMAGE: &str = "example.com/keel/busybox:v1";
 const PAUSE: &str = "registry.k8s.io/pause:3.6";
 const CONTAINERD: &str = "/usr/bin/containerd";
 const MIB: f64 = 1024.0;
 
 /// The release binaries the bench runs.
-struct Bins {
-    keel: PathBuf,
+pub(crate) struct Bins {
+    pub(crate) keel: PathBuf,
 }
 
 /// Entry point for `cargo xtask bench cri`.
@@ -124,7 +125,7 @@ pub fn run() -> anyhow::Result<()> {
 
 /// Builds release `keel`, `keel-cni` (beside it, what `keel cni install` copies) and
 /// `keel-monitor` (beside it, the watcher each container's monitor becomes).
-fn build() -> anyhow::Result<Bins> {
+pub(crate) fn build() -> anyhow::Result<Bins> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(&cargo)
@@ -172,9 +173,9 @@ fn write_images(image: &Path, pause: &Path) -> anyhow::Result<()> {
 
 /// What one pod start needs to know about its node.
 #[derive(Clone)]
-struct PodSpec {
-    cgroup_parent: String,
-    log_dir: PathBuf,
+pub(crate) struct PodSpec {
+    pub(crate) cgroup_parent: String,
+    pub(crate) log_dir: PathBuf,
 }
 
 fn sandbox_config(spec: &PodSpec, name: &str) -> api::PodSandboxConfig {
@@ -223,7 +224,11 @@ fn container_config() -> api::ContainerConfig {
 }
 
 /// RunPodSandbox + CreateContainer + StartContainer; returns the time of the three.
-async fn start_pod(client: &mut Client, spec: &PodSpec, name: &str) -> anyhow::Result<Duration> {
+pub(crate) async fn start_pod(
+    client: &mut Client,
+    spec: &PodSpec,
+    name: &str,
+) -> anyhow::Result<Duration> {
     let config = sandbox_config(spec, name);
     let start = Instant::now();
     let pod = client
@@ -283,7 +288,7 @@ async fn burst(
 }
 
 /// One `Key:` value (KiB, or a count) of a `/proc/PID/FILE`; zero if the process is gone.
-fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+pub(crate) fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .lines()
@@ -570,7 +575,7 @@ fn report(res: &mut [Results; 2]) {
 }
 
 /// Nearest rank: the smallest sample with at least p% of the samples at or below it.
-fn pct(v: &mut [Duration], p: usize) -> Duration {
+pub(crate) fn pct(v: &mut [Duration], p: usize) -> Duration {
     v.sort();
     let rank = (v.len() * p).div_ceil(100).max(1);
     v.get(rank - 1).copied().unwrap_or_default()

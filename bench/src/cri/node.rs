@@ -396,7 +396,7 @@ impl Drop for Node {
     }
 }
 
-fn cgroup_roots() -> Vec<PathBuf> {
+pub(crate) fn cgroup_roots() -> Vec<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
         .lines()

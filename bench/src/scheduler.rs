@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 
-use crate::bench_api::{Server, build_keel, client_with_namespace, rss_mib, start_server};
+use crate::api::{Server, build_keel, client_with_namespace, rss_mib, start_server};
 
 const NODES: usize = 1_000;
 const PODS: usize = 10_000;
