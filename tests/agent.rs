@@ -863,7 +863,14 @@ async fn server_is_a_single_node_cluster() {
         .arg(node.socket())
         .arg("--cni-dir")
         .arg(dir.join("server-cni"))
-        .args(["--pod-cidr", "10.250.9.0/24", "--bridge", "kbr9"])
+        // Node IPAM gives the node its range: the whole (one-range) cluster CIDR here.
+        .args([
+            "--cluster-cidr",
+            "10.250.9.0/24",
+            "--node-cidr-mask-size",
+            "24",
+        ])
+        .args(["--bridge", "kbr9"])
         .arg("--run-dir")
         .arg(node.run_dir())
         .arg("--pod-log-dir")
@@ -914,6 +921,15 @@ async fn server_is_a_single_node_cluster() {
         (ok && out == "True").then_some(())
     })
     .await;
+
+    let (_, range) = kc(&[
+        "get",
+        "node",
+        "keel-test-server",
+        "-o",
+        "jsonpath={.spec.podCIDR}",
+    ]);
+    assert_eq!(range, "10.250.9.0/24", "the node's range from node IPAM");
 
     let manifest = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -1125,6 +1141,56 @@ async fn server_is_a_single_node_cluster() {
     assert!(ok, "{out}");
     wait_for("the pod's volumes removed", 20, || async {
         (!volumes.exists()).then_some(())
+    })
+    .await;
+
+    // host-gw: another Node (its range and InternalIP; its "machine" a namespace behind a veth)
+    // gets a route through it, tagged as the agent's, and the route goes with the Node.
+    let peer_ns = NetnsGuard::new().unwrap();
+    let server_ns = node.netns.as_ref().unwrap();
+    let _veth =
+        keel_testkit::netns::VethPair::between(server_ns, "kpeer0", &peer_ns, "kpeer1").unwrap();
+    for (ns, link, addr) in [
+        (server_ns, "kpeer0", "10.251.0.1/24"),
+        (&peer_ns, "kpeer1", "10.251.0.2/24"),
+    ] {
+        ns.exec("ip", &["addr", "add", addr, "dev", link]).unwrap();
+        ns.exec("ip", &["link", "set", link, "up"]).unwrap();
+    }
+    let peer = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "keel-test-peer"}, "spec": {"podCIDR": "10.251.5.0/24"}});
+    let (ok, out) = kubectl_in(
+        &netns,
+        &kubeconfig,
+        &["create", "-f", "-"],
+        Some(&peer.to_string()),
+    );
+    assert!(ok, "kubectl create node: {out}");
+    let (ok, out) = kc(&[
+        "patch",
+        "node",
+        "keel-test-peer",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"addresses":[{"type":"InternalIP","address":"10.251.0.2"}]}}"#,
+    ]);
+    assert!(ok, "kubectl patch node status: {out}");
+    let agent_routes = || {
+        server_ns
+            .exec("ip", &["-4", "route", "show", "proto", "0x6b"])
+            .unwrap_or_default()
+    };
+    wait_for("the route to the peer's pods", 30, || async {
+        agent_routes()
+            .contains("10.251.5.0/24 via 10.251.0.2 dev kpeer0")
+            .then_some(())
+    })
+    .await;
+    let (ok, out) = kc(&["delete", "node", "keel-test-peer"]);
+    assert!(ok, "{out}");
+    wait_for("the peer's route removed with its Node", 30, || async {
+        (!agent_routes().contains("10.251.5.0/24")).then_some(())
     })
     .await;
 

@@ -102,17 +102,32 @@ async fn client(kubeconfig: &Path) -> kube::Client {
 /// and nothing is written to the data dir.
 #[test]
 fn server_refuses_a_bad_node_flag_before_starting() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["server", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--api-listen", "127.0.0.1:0", "--pod-cidr", "10.42.0.0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--pod-cidr"), "{err}");
-    assert!(!dir.path().join("data").exists());
+    for (flags, named) in [
+        (&["--pod-cidr", "10.42.0.0"][..], "--pod-cidr"),
+        (&["--cluster-cidr", "10.42.0.0/33"][..], "--cluster-cidr"),
+        (
+            &[
+                "--cluster-cidr",
+                "10.42.0.0/16",
+                "--node-cidr-mask-size",
+                "12",
+            ][..],
+            "--node-cidr-mask-size",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(["server", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--api-listen", "127.0.0.1:0"])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{flags:?}: {err}");
+        assert!(!dir.path().join("data").exists(), "{flags:?}");
+    }
 }
 
 /// Acknowledged creates before each SIGKILL.

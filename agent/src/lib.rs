@@ -22,6 +22,7 @@
 
 mod log_server;
 mod logs;
+pub mod network;
 mod node;
 mod pod_env;
 mod pod_spec;
@@ -72,6 +73,9 @@ pub enum AgentError {
     /// The log endpoint cannot be set up.
     #[error("log endpoint: {0}")]
     Endpoint(String),
+    /// The node's range could not be given to the pod network.
+    #[error("set up the pod network for the node's range {cidr}: {reason}")]
+    Network { cidr: String, reason: String },
     /// A pod's spec cannot be turned into CRI configs.
     #[error("pod {pod}: {reason}")]
     PodSpec { pod: String, reason: String },
@@ -111,6 +115,9 @@ pub struct AgentConfig {
     /// The node's own API credential, the only bearer the log endpoint accepts. None: the
     /// endpoint is not started (an agent running on another credential cannot check callers).
     pub credential: Option<String>,
+    /// The node's range from node IPAM: CNI set up with it, routes to the other nodes. None:
+    /// the CNI config is the operator's (a fixed range), no routes.
+    pub pod_network: Option<network::PodNetwork>,
 }
 
 impl AgentConfig {
@@ -131,6 +138,7 @@ impl AgentConfig {
             cluster_domain: "cluster.local".into(),
             listen: None,
             credential: None,
+            pod_network: None,
         }
     }
 }
@@ -212,7 +220,26 @@ impl Agent {
             registration,
             self.config.heartbeat_interval,
         );
-        let sync = pod_sync::run(self.client.clone(), self.cri.clone(), self.config, node_ip);
+        let (client, cri, mut config) = (self.client, self.cri, self.config);
+        let sync = async move {
+            if let Some(net) = config.pod_network.take() {
+                let cidr = network::wait_for_pod_cidr(&client, &config.node_name).await?;
+                (net.install)(&cidr).map_err(|reason| AgentError::Network {
+                    cidr: cidr.clone(),
+                    reason,
+                })?;
+                tracing::info!(pod_cidr = %cidr, "pod network set up with the node's range");
+                if net.routes {
+                    let (client, own) = (client.clone(), config.node_name.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = network::route_loop(client, own).await {
+                            tracing::error!("node routes: {e}");
+                        }
+                    });
+                }
+            }
+            pod_sync::run(client, cri, config, node_ip).await
+        };
         tokio::select! {
             r = heartbeat => r,
             r = sync => r,

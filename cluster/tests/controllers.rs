@@ -87,6 +87,7 @@ async fn deployment_rolls_out_scales_and_endpoints_follow() {
     let controllers = tokio::spawn(keel_cluster::controllers::run(
         client.clone(),
         Default::default(),
+        Default::default(),
     ));
     // One node and the scheduler, so pods are bound and deletes are graceful, as in a cluster.
     let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
@@ -375,7 +376,11 @@ async fn a_silent_node_turns_unreachable_and_its_pods_are_evicted() {
         eviction: Duration::from_secs(2),
         interval: Duration::from_millis(250),
     };
-    let controllers = tokio::spawn(keel_cluster::controllers::run(client.clone(), config));
+    let controllers = tokio::spawn(keel_cluster::controllers::run(
+        client.clone(),
+        config,
+        Default::default(),
+    ));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -435,4 +440,86 @@ async fn a_silent_node_turns_unreachable_and_its_pods_are_evicted() {
     );
     controllers.abort();
     beat.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_get_pod_ranges_and_a_deleted_nodes_range_is_reused() {
+    use k8s_openapi::api::core::v1::Node;
+    use keel_cluster::controllers::nodeipam::NodeIpamConfig;
+
+    let s = TestServer::redb().await;
+    let client = s.client().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let ipam = NodeIpamConfig::new("10.77.0.0/22".parse().unwrap(), 24).unwrap();
+    let add = |name: &'static str, cidr: Option<&'static str>| {
+        let nodes = nodes.clone();
+        async move {
+            let mut n = json!({"metadata": {"name": name}});
+            if let Some(c) = cidr {
+                n["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+            }
+            nodes
+                .create(&PostParams::default(), &serde_json::from_value(n).unwrap())
+                .await
+                .unwrap();
+        }
+    };
+    // One node brings its own range (of ours): it keeps it and nobody else gets it.
+    add("own", Some("10.77.0.0/24")).await;
+    for name in ["a", "b"] {
+        add(name, None).await;
+    }
+    let controllers = tokio::spawn(keel_cluster::controllers::run(
+        client.clone(),
+        Default::default(),
+        ipam,
+    ));
+    let ranges = |names: &'static [&'static str]| {
+        let nodes = nodes.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let mut got = Vec::new();
+                for n in names {
+                    let node = nodes.get(n).await.unwrap();
+                    let spec = node.spec.unwrap_or_default();
+                    if let Some(c) = spec.pod_cidr {
+                        assert_eq!(spec.pod_cidrs, Some(vec![c.clone()]), "{n}: podCIDRs");
+                        got.push(c);
+                    }
+                }
+                if got.len() == names.len() {
+                    return got;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "ranges after 20 s: {got:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        ranges(&["own", "a", "b"]).await,
+        ["10.77.0.0/24", "10.77.1.0/24", "10.77.2.0/24"]
+    );
+    // Joining later, while the watch runs.
+    add("c", None).await;
+    assert_eq!(ranges(&["c"]).await, ["10.77.3.0/24"]);
+    // The /22 is full: a fifth node waits without a range, until a node leaves.
+    add("d", None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        nodes
+            .get("d")
+            .await
+            .unwrap()
+            .spec
+            .unwrap_or_default()
+            .pod_cidr,
+        None
+    );
+    nodes.delete("a", &DeleteParams::default()).await.unwrap();
+    assert_eq!(ranges(&["d"]).await, ["10.77.1.0/24"]);
+    controllers.abort();
 }

@@ -504,6 +504,131 @@ impl Netlink {
     }
 }
 
+/// A route of one owner (its routing protocol number), as [`Netlink::owned_routes`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedRoute {
+    pub dst: IpNet,
+    pub gw: Option<IpAddr>,
+    pub oif: Option<u32>,
+}
+
+impl Netlink {
+    /// Adds or replaces `dst via gw dev oif` in the main table, tagged with routing protocol
+    /// `protocol` (so that its owner can find and remove exactly its own routes later).
+    pub fn replace_owned_route(
+        &mut self,
+        dst: IpNet,
+        gw: IpAddr,
+        oif: u32,
+        protocol: u8,
+    ) -> Result<(), NetlinkError> {
+        let dst = dst.trunc();
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dst.addr());
+        msg.header.destination_prefix_length = dst.prefix_len();
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::from(protocol);
+        msg.header.kind = RouteType::Unicast;
+        msg.header.scope = RouteScope::Universe;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(dst.addr())));
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+        msg.attributes.push(RouteAttribute::Oif(oif));
+        self.request(
+            "replace route",
+            &dst.to_string(),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+
+    /// The main table's routes of routing protocol `protocol`.
+    pub fn owned_routes(
+        &mut self,
+        v4: bool,
+        protocol: u8,
+    ) -> Result<Vec<OwnedRoute>, NetlinkError> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = if v4 {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let replies = self.request(
+            "dump routes",
+            "",
+            RouteNetlinkMessage::GetRoute(req),
+            NLM_F_DUMP,
+        )?;
+        let mut out = Vec::new();
+        for m in replies {
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                continue;
+            };
+            if u8::from(r.header.protocol) != protocol
+                || r.header.table != RouteHeader::RT_TABLE_MAIN
+            {
+                continue;
+            }
+            let (mut dst, mut gw, mut oif) = (None, None, None);
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = route_ip(d),
+                    RouteAttribute::Gateway(g) => gw = route_ip(g),
+                    RouteAttribute::Oif(o) => oif = Some(*o),
+                    _ => {}
+                }
+            }
+            let any: IpAddr = if v4 {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u16; 8])
+            };
+            if let Ok(dst) = IpNet::new(dst.unwrap_or(any), r.header.destination_prefix_length) {
+                out.push(OwnedRoute { dst, gw, oif });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the main table's route to `dst` of routing protocol `protocol`; `Ok(false)` if
+    /// there is none.
+    pub fn delete_owned_route(&mut self, dst: IpNet, protocol: u8) -> Result<bool, NetlinkError> {
+        let dst = dst.trunc();
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dst.addr());
+        msg.header.destination_prefix_length = dst.prefix_len();
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::from(protocol);
+        msg.header.scope = RouteScope::NoWhere;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(dst.addr())));
+        match self.request(
+            "delete route",
+            &dst.to_string(),
+            RouteNetlinkMessage::DelRoute(msg),
+            0,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(rustix::io::Errno::SRCH.raw_os_error()) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The link with an address whose subnet holds `ip` (the way to a directly connected
+    /// next hop).
+    pub fn link_towards(&mut self, ip: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        for link in self.links()? {
+            if self.addresses(link.index)?.iter().any(|a| a.contains(&ip)) {
+                return Ok(Some(link.index));
+            }
+        }
+        Ok(None)
+    }
+}
+
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),

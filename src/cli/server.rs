@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use keel_cluster::api::{ApiConfig, ApiServer, Cidr};
+use keel_cluster::controllers::nodeipam::NodeIpamConfig;
 use keel_cluster::scheduler::SchedulerConfig;
 use keel_cluster::store::{self, StoreConfig};
 use tokio::signal::unix::{SignalKind, signal};
@@ -41,6 +42,13 @@ pub struct ServerArgs {
     /// ClusterIPs are allocated from this CIDR.
     #[arg(long, value_name = "CIDR", default_value = "10.96.0.0/12")]
     pub service_cidr: String,
+    /// Pod addresses of the whole cluster: each Node gets a range of it (spec.podCIDR) for its
+    /// pods, and every node routes the others' ranges through them.
+    #[arg(long, value_name = "CIDR", default_value = "10.42.0.0/16")]
+    pub cluster_cidr: String,
+    /// Prefix length of each node's range of --cluster-cidr.
+    #[arg(long, value_name = "BITS", default_value_t = 24)]
+    pub node_cidr_mask_size: u8,
     /// NodePorts are allocated from this range.
     #[arg(long, value_name = "FIRST-LAST", default_value = "30000-32767")]
     pub node_port_range: String,
@@ -76,6 +84,12 @@ pub fn run(root: &Path, cfg: &Config, args: ServerArgs) -> anyhow::Result<ExitCo
         .service_cidr
         .parse()
         .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
+    let cluster_cidr: Cidr = args
+        .cluster_cidr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
+    let node_ipam = NodeIpamConfig::new(cluster_cidr, args.node_cidr_mask_size)
+        .map_err(|e| anyhow::anyhow!("--node-cidr-mask-size: {e}"))?;
     let node_ports = parse_range(&args.node_port_range).context("--node-port-range")?;
     if args.compact_interval == 0 || args.bookmark_interval == 0 || args.node_grace_period == 0 {
         bail!(
@@ -102,7 +116,9 @@ pub fn run(root: &Path, cfg: &Config, args: ServerArgs) -> anyhow::Result<ExitCo
         None
     } else {
         let plan = server_node::plan(root, cfg, &args.node, &args.data_dir)?;
-        server_node::install_cni(&plan.cni)?;
+        if !plan.cni.subnets.is_empty() {
+            server_node::install_cni(&plan.cni)?;
+        }
         Some(plan)
     };
     let mut config = ApiConfig::new(args.data_dir.clone(), args.api_listen);
@@ -152,6 +168,7 @@ pub fn run(root: &Path, cfg: &Config, args: ServerArgs) -> anyhow::Result<ExitCo
             Some(tokio::spawn(keel_cluster::controllers::run(
                 client,
                 node_lifecycle,
+                node_ipam,
             )))
         };
         let controllers_done = async {

@@ -1,5 +1,5 @@
 //! The node roles `keel server` runs in its own process unless `--no-node`: keel-cni installed
-//! into a keel-owned CNI dir, the CRI endpoint, the agent (authenticated as this node with the
+//! into a keel-owned CNI dir (with the node's range from node IPAM, or a fixed --pod-cidr), the CRI endpoint, the agent (authenticated as this node with the
 //! join token) and the eBPF service proxy, so that one command gives a single-node cluster.
 //! Parses the node flags into the libraries' configs; the work is in keel-cri, keel-agent,
 //! keel-cni and keel-proxy.
@@ -23,9 +23,11 @@ pub struct NodeArgs {
     /// The node's InternalIP (pods' hostIP, NodePorts, the log endpoint). Default: 127.0.0.1.
     #[arg(long, value_name = "IP")]
     pub node_ip: Option<IpAddr>,
-    /// The pods' subnet on this node (keel-cni's bridge network).
-    #[arg(long, value_name = "CIDR", default_value = "10.42.0.0/16")]
-    pub pod_cidr: ipnet_arg::Net,
+    /// A fixed pod subnet for this node (keel-cni's bridge network), with no routes to other
+    /// nodes. Default: the range node IPAM gives this Node from --cluster-cidr, with routes to
+    /// every other node's range (host-gw).
+    #[arg(long, value_name = "CIDR")]
+    pub pod_cidr: Option<ipnet_arg::Net>,
     /// The pods' bridge.
     #[arg(long, value_name = "NAME", default_value = "keel0")]
     pub bridge: String,
@@ -91,6 +93,22 @@ pub fn install_cni(spec: &keel_cni::install::InstallSpec) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// keel-cni installed with the range the Node gets from node IPAM (the agent calls it).
+pub fn pod_network(
+    spec: keel_cni::install::InstallSpec,
+    routes: bool,
+) -> keel_agent::network::PodNetwork {
+    let install = move |cidr: &str| -> Result<(), String> {
+        let mut spec = spec.clone();
+        spec.subnets = vec![cidr.parse().map_err(|e| format!("{cidr:?}: {e}"))?];
+        install_cni(&spec).map_err(|e| format!("{e:#}"))
+    };
+    keel_agent::network::PodNetwork {
+        install: std::sync::Arc::new(install),
+        routes,
+    }
+}
+
 /// What the node roles are built from, checked before anything starts.
 pub struct NodePlan {
     pub node_name: String,
@@ -114,11 +132,14 @@ pub fn plan(
             .context("the host name is unknown; pass --node-name")?,
     };
     let node_ip = args.node_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let subnet = args
-        .pod_cidr
-        .0
-        .parse()
-        .with_context(|| format!("--pod-cidr {}", args.pod_cidr.0))?;
+    let subnets = match &args.pod_cidr {
+        Some(net) => vec![
+            net.0
+                .parse()
+                .with_context(|| format!("--pod-cidr {}", net.0))?,
+        ],
+        None => Vec::new(),
+    };
     let cni_dir = args.cni_dir.clone().unwrap_or_else(|| data_dir.join("cni"));
     let plugin = std::env::current_exe()
         .context("locate the keel binary")?
@@ -136,7 +157,7 @@ pub fn plan(
         conf_dir: cni_dir.join("net.d"),
         network: "keel".into(),
         bridge: args.bridge.clone(),
-        subnets: vec![subnet],
+        subnets,
         mtu: None,
         ip_masq: true,
         portmap: Path::new(PORTMAP).is_file(),
@@ -157,6 +178,9 @@ pub fn plan(
             .expect("the default stream address parses"),
     };
     let mut agent = keel_agent::AgentConfig::new(node_name.clone(), args.cri_socket.clone());
+    if cni.subnets.is_empty() {
+        agent.pod_network = Some(pod_network(cni.clone(), true));
+    }
     agent.node_ip = Some(node_ip);
     agent.pod_log_dir = args.pod_log_dir.clone();
     agent.pod_dir = root.join("agent/pods");

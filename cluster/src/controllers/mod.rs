@@ -8,6 +8,7 @@
 //! | `replicaset.rs` | ReplicaSet -> Pods (owner references, scale up/down, status) |
 //! | `deployment.rs` | Deployment -> ReplicaSets (pod-template-hash, rolling update with maxSurge/maxUnavailable, Recreate, revisions, history limit, status and conditions) |
 //! | `endpointslice.rs` | Service -> EndpointSlice (ready/serving/terminating from pods, named target ports) |
+//! | `nodeipam.rs` | Node -> spec.podCIDR from the cluster CIDR (host-gw ranges for the agents) |
 //! | `nodelifecycle.rs` | heartbeats -> Ready=Unknown and the unreachable taint; eviction after the toleration |
 //!
 //! Reconcilers read the children through the API (a list with the owner's selector): simple
@@ -16,6 +17,7 @@
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
 
@@ -101,13 +103,18 @@ pub fn controlled_by(owners: Option<&Vec<OwnerReference>>, uid: &str) -> bool {
 }
 
 /// Runs every controller until one stops.
-pub async fn run(client: kube::Client, nodes: nodelifecycle::NodeLifecycleConfig) {
+pub async fn run(
+    client: kube::Client,
+    nodes: nodelifecycle::NodeLifecycleConfig,
+    ipam: nodeipam::NodeIpamConfig,
+) {
     let ctx = Arc::new(client);
     tokio::select! {
         _ = replicaset::run(ctx.clone()) => tracing::error!("replicaset controller stopped"),
         _ = deployment::run(ctx.clone()) => tracing::error!("deployment controller stopped"),
         _ = endpointslice::run(ctx.clone()) => tracing::error!("endpointslice controller stopped"),
         _ = nodelifecycle::run(ctx.clone(), nodes) => tracing::error!("node lifecycle stopped"),
+        _ = nodeipam::run(ctx.clone(), ipam) => tracing::error!("node IPAM stopped"),
     }
 }
 
