@@ -35,7 +35,6 @@ pub fn run() -> anyhow::Result<()> {
         .build()
         .context("start async runtime")?;
     rt.block_on(async move {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let pods: Vec<Value> = (0..PODS).map(|i| pod(&format!("bench-{i:05}"))).collect();
 
         println!("raw etcd puts ({PODS} objects, {IN_FLIGHT} in flight)...");

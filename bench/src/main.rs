@@ -49,6 +49,8 @@ enum Bench {
 }
 
 fn main() -> anyhow::Result<()> {
+    // kube-rs's client (api, scheduler, cluster) needs one process-wide rustls provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().which {
         Bench::Api => api::run(),
         Bench::Cluster => cluster::run(),

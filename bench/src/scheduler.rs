@@ -196,7 +196,6 @@ impl Drop for Scheduler {
 }
 
 async fn bench(keel: &Path) -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::Builder::new()
         .prefix("keel-bench-sched-")
         .tempdir()?;
