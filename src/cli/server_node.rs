@@ -1,6 +1,7 @@
 //! The node roles `keel server` runs in its own process unless `--no-node`: keel-cni installed
-//! into a keel-owned CNI dir (with the node's range from node IPAM, or a fixed --pod-cidr), the CRI endpoint, the agent (authenticated as this node with the
-//! join token) and the eBPF service proxy, so that one command gives a single-node cluster.
+//! into a keel-owned CNI dir (with the node's range from node IPAM, or a fixed --pod-cidr), the
+//! CRI endpoint, the agent (authenticated as this node with the join token) and the eBPF
+//! service proxy, so that one command gives a single-node cluster.
 //! Parses the node flags into the libraries' configs; the work is in keel-cri, keel-agent,
 //! keel-cni and keel-proxy.
 
