@@ -115,28 +115,12 @@ impl Server {
         self.root().join("run/containers")
     }
     fn log_tail(&self, n: usize) -> String {
-        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        cri::log_tail(&self.log(), n)
     }
 
     /// `keel ARGS` against this node's root, without the server.
     fn keel_cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(&self.keel)
-            .arg("--root")
-            .arg(self.root())
-            .args(args)
-            .env_remove("KEEL_CONFIG")
-            .env("KEEL_RUN_DIR", self.run_dir())
-            .output()
-            .with_context(|| format!("run {}", self.keel.display()))?;
-        ensure!(
-            out.status.success(),
-            "keel {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        cri::keel_offline(&self.keel, self.root(), &self.run_dir(), args)
     }
 
     /// Imports the image, starts `keel server` in the namespace and waits for its kubeconfig.
@@ -466,16 +450,7 @@ impl Drop for Server {
         }
         self.stop();
         // Pods and containers a failed run left: removed without the server.
-        if let Ok(ids) = self.keel_cli(&["pod", "ls", "-q"]) {
-            for id in ids.split_whitespace() {
-                let _ = self.keel_cli(&["pod", "rm", "-f", id]);
-            }
-        }
-        if let Ok(ids) = self.keel_cli(&["ctr", "ls", "-a", "-q"]) {
-            for id in ids.split_whitespace() {
-                let _ = self.keel_cli(&["ctr", "rm", "-f", id]);
-            }
-        }
+        cri::remove_leftovers(&self.keel, self.root(), &self.run_dir());
         let _ = Command::new(&self.keel)
             .args(["proxy", "uninstall", "--bpffs-dir"])
             .arg(&self.bpffs)

@@ -36,8 +36,8 @@ use keel_testkit::image_builder::{MediaTypes, Variant, build_cached, sha256_dige
 use crate::workspace_root;
 
 mod node;
-pub(crate) use node::cgroup_roots;
 use node::{Kind, Node};
+pub(crate) use node::{cgroup_roots, keel_offline, log_tail, remove_leftovers};
 
 pub(crate) type Client = RuntimeServiceClient<Channel>;
 

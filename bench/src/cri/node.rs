@@ -89,28 +89,12 @@ impl Node {
     }
 
     pub(super) fn log_tail(&self, n: usize) -> String {
-        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        log_tail(&self.log(), n)
     }
 
     /// `keel ARGS` against this node's root, offline (no daemon needed).
     fn keel_cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(&self.keel)
-            .arg("--root")
-            .arg(self.root())
-            .args(args)
-            .env_remove("KEEL_CONFIG")
-            .env("KEEL_RUN_DIR", self.run_dir())
-            .output()
-            .with_context(|| format!("run {}", self.keel.display()))?;
-        ensure!(
-            out.status.success(),
-            "keel {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        keel_offline(&self.keel, self.root(), &self.run_dir(), args)
     }
 
     /// keel-cni and its conflist through `keel cni install`, IPAM data inside the state root;
@@ -361,19 +345,7 @@ impl Drop for Node {
         };
         self.kill_daemon();
         match self.kind {
-            Kind::Keel => {
-                // Pods and containers a failed run left: removed without the daemon.
-                if let Ok(ids) = self.keel_cli(&["pod", "ls", "-q"]) {
-                    for id in ids.split_whitespace() {
-                        let _ = self.keel_cli(&["pod", "rm", "-f", id]);
-                    }
-                }
-                if let Ok(ids) = self.keel_cli(&["ctr", "ls", "-a", "-q"]) {
-                    for id in ids.split_whitespace() {
-                        let _ = self.keel_cli(&["ctr", "rm", "-f", id]);
-                    }
-                }
-            }
+            Kind::Keel => remove_leftovers(&self.keel, self.root(), &self.run_dir()),
             Kind::Containerd => {
                 // Shims outlive containerd; their containers die with the cgroups below.
                 for pid in helpers {
@@ -392,6 +364,52 @@ impl Drop for Node {
             // containerd 1.6 hard-codes its shim socket dir.
             let _ = std::fs::remove_dir("/run/containerd/s");
             let _ = std::fs::remove_dir("/run/containerd");
+        }
+    }
+}
+
+/// The last `n` lines of a log file.
+pub(crate) fn log_tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `keel --root ROOT ARGS` (containers under `run_dir`), without a daemon; its stdout.
+pub(crate) fn keel_offline(
+    keel: &Path,
+    root: &Path,
+    run_dir: &Path,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let out = Command::new(keel)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env_remove("KEEL_CONFIG")
+        .env("KEEL_RUN_DIR", run_dir)
+        .output()
+        .with_context(|| format!("run {}", keel.display()))?;
+    ensure!(
+        out.status.success(),
+        "keel {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes, without a daemon, the pods and containers a failed run left under `root`.
+pub(crate) fn remove_leftovers(keel: &Path, root: &Path, run_dir: &Path) {
+    let keel = |args: &[&str]| keel_offline(keel, root, run_dir, args);
+    if let Ok(ids) = keel(&["pod", "ls", "-q"]) {
+        for id in ids.split_whitespace() {
+            let _ = keel(&["pod", "rm", "-f", id]);
+        }
+    }
+    if let Ok(ids) = keel(&["ctr", "ls", "-a", "-q"]) {
+        for id in ids.split_whitespace() {
+            let _ = keel(&["ctr", "rm", "-f", id]);
         }
     }
 }
