@@ -8,6 +8,7 @@
 pub mod api;
 pub mod client;
 pub mod controllers;
+pub mod join;
 pub mod scheduler;
 pub mod store;
 
@@ -27,4 +28,6 @@ pub enum Error {
     Client(#[from] client::ClientError),
     #[error(transparent)]
     Scheduler(#[from] scheduler::SchedulerError),
+    #[error(transparent)]
+    Join(#[from] join::JoinError),
 }

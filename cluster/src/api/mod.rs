@@ -110,6 +110,10 @@ pub struct ApiServer {
     pub kubeconfig: PathBuf,
     pub admin_token: String,
     pub node_join_token: String,
+    /// `keel1.<ca-sha256>.<secret>`, for `keel agent --server URL --token`; also in
+    /// `<data dir>/node-token`.
+    pub join_token: String,
+    pub join_token_file: PathBuf,
     serve: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     /// Closes every open connection when set (on drop).
@@ -160,6 +164,19 @@ impl ApiServer {
             .map_err(ServerError::Bootstrap)?;
         let kubeconfig = config.data_dir.join("kubeconfig");
         pki::write_secure(&kubeconfig, pki::kubeconfig(&creds, &url).as_bytes(), 0o600)?;
+        let join_token = crate::join::JoinToken::new(&creds.ca_pem, &creds.node_join_token)
+            .map_err(|e| PkiError::Pem {
+                path: config.data_dir.join("pki/ca.crt"),
+                what: "certificate",
+                reason: e.to_string(),
+            })?
+            .to_string();
+        let join_token_file = config.data_dir.join("node-token");
+        pki::write_secure(
+            &join_token_file,
+            format!("{join_token}\n").as_bytes(),
+            0o600,
+        )?;
 
         let app = axum::Router::new()
             .fallback(entry)
@@ -179,6 +196,8 @@ impl ApiServer {
             kubeconfig,
             admin_token: creds.admin_token,
             node_join_token: creds.node_join_token,
+            join_token,
+            join_token_file,
             serve,
             background,
             shutdown,

@@ -223,6 +223,16 @@ pub fn server_config(creds: &Credentials, dir: &Path) -> Result<rustls::ServerCo
             what: "private key",
             reason: e.to_string(),
         })?;
+    // The CA goes with the chain: a joining agent finds it there and checks it against the pin
+    // in its join token (see `crate::join`).
+    let mut certs = certs;
+    for ca in CertificateDer::pem_slice_iter(creds.ca_pem.as_bytes()) {
+        certs.push(ca.map_err(|e| PkiError::Pem {
+            path: dir.join("pki/ca.crt"),
+            what: "certificate",
+            reason: e.to_string(),
+        })?);
+    }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -234,7 +244,12 @@ pub fn server_config(creds: &Credentials, dir: &Path) -> Result<rustls::ServerCo
 
 /// The admin kubeconfig for a server reachable at `server_url`.
 pub fn kubeconfig(creds: &Credentials, server_url: &str) -> String {
-    let ca = base64::engine::general_purpose::STANDARD.encode(creds.ca_pem.as_bytes());
+    kubeconfig_for(server_url, &creds.ca_pem, "keel-admin", &creds.admin_token)
+}
+
+/// A kubeconfig for `server_url` trusting `ca_pem`, authenticating as `user` with `token`.
+pub fn kubeconfig_for(server_url: &str, ca_pem: &str, user: &str, token: &str) -> String {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes());
     format!(
         "apiVersion: v1
 kind: Config
@@ -244,18 +259,17 @@ clusters:
     server: {server_url}
     certificate-authority-data: {ca}
 users:
-- name: keel-admin
+- name: {user}
   user:
     token: {token}
 contexts:
 - name: keel
   context:
     cluster: keel
-    user: keel-admin
+    user: {user}
     namespace: default
 current-context: keel
-",
-        token = creds.admin_token
+"
     )
 }
 

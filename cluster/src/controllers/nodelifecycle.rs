@@ -136,7 +136,15 @@ pub fn evict(pod: &Pod, since: Timestamp, now: Timestamp, default: Duration) -> 
     now.duration_since(since).as_secs_f64() >= allowed.as_secs_f64()
 }
 
-async fn pass(client: &kube::Client, config: &NodeLifecycleConfig) -> Result<(), ControllerError> {
+/// One pass over the nodes. A controller that started less than a grace period ago (`started`)
+/// judges no node unreachable yet: heartbeats that could not reach a server that was down are
+/// not missed heartbeats (kube-controller-manager likewise ages heartbeats from its own
+/// observation).
+async fn pass(
+    client: &kube::Client,
+    config: &NodeLifecycleConfig,
+    started: Timestamp,
+) -> Result<(), ControllerError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let lease_list = leases
@@ -160,7 +168,9 @@ async fn pass(client: &kube::Client, config: &NodeLifecycleConfig) -> Result<(),
             .as_ref()
             .and_then(|s| s.taints.clone())
             .unwrap_or_default();
+        let settled = now.duration_since(started).as_secs_f64() >= config.grace.as_secs_f64();
         match verdict(&node, lease, now, config.grace) {
+            Verdict::Unreachable { .. } if !settled => {}
             Verdict::Unreachable {
                 add_taint,
                 mark_unknown,
@@ -260,8 +270,9 @@ async fn set_taints(
 
 /// Runs node lifecycle passes forever.
 pub async fn run(client: Arc<kube::Client>, config: NodeLifecycleConfig) {
+    let started = Timestamp::now();
     loop {
-        if let Err(e) = pass(&client, &config).await {
+        if let Err(e) = pass(&client, &config, started).await {
             tracing::warn!(error = %e, "node lifecycle pass");
         }
         tokio::time::sleep(config.interval).await;
