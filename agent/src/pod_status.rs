@@ -140,6 +140,11 @@ fn container_status(name: &str, image: &str, o: Option<&Observed>) -> ContainerS
     }
 }
 
+/// The exit code of a container that exited (and is not waiting to restart).
+fn exited_with(s: &ContainerStatus) -> Option<i32> {
+    s.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code)
+}
+
 fn condition(type_: &str, ok: bool, since: &Time) -> PodCondition {
     PodCondition {
         type_: type_.into(),
@@ -160,17 +165,35 @@ pub(crate) fn pod_status(
 ) -> PodStatus {
     let spec = pod.spec.clone().unwrap_or_default();
     let policy = spec.restart_policy.as_deref().unwrap_or("Always");
-    let statuses: Vec<ContainerStatus> = spec
-        .containers
+    let status_of = |c: &k8s_openapi::api::core::v1::Container| {
+        container_status(
+            &c.name,
+            c.image.as_deref().unwrap_or_default(),
+            observed(&c.name).as_ref(),
+        )
+    };
+    let init: Vec<ContainerStatus> = spec
+        .init_containers
         .iter()
+        .flatten()
         .map(|c| {
-            container_status(
-                &c.name,
-                c.image.as_deref().unwrap_or_default(),
-                observed(&c.name).as_ref(),
-            )
+            let mut st = status_of(c);
+            st.ready = exited_with(&st) == Some(0);
+            st
         })
         .collect();
+    let initialized = init.iter().all(|s| exited_with(s) == Some(0));
+    // An init container that failed for good (restartPolicy Never) fails the pod.
+    let init_failed =
+        policy == "Never" && init.iter().any(|s| exited_with(s).is_some_and(|c| c != 0));
+    let mut statuses: Vec<ContainerStatus> = spec.containers.iter().map(status_of).collect();
+    if !initialized {
+        for st in &mut statuses {
+            if let Some(w) = st.state.as_mut().and_then(|s| s.waiting.as_mut()) {
+                w.reason = Some("PodInitializing".into());
+            }
+        }
+    }
     let running = statuses
         .iter()
         .filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
@@ -180,7 +203,11 @@ pub(crate) fn pod_status(
         .filter_map(|s| s.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
         .collect();
     let all_done = !statuses.is_empty() && terminated.len() == statuses.len();
-    let phase = if all_done && terminated.iter().all(|&c| c == 0) && policy != "Always" {
+    let phase = if init_failed {
+        "Failed"
+    } else if !initialized {
+        "Pending"
+    } else if all_done && terminated.iter().all(|&c| c == 0) && policy != "Always" {
         "Succeeded"
     } else if all_done && policy == "Never" {
         "Failed"
@@ -217,11 +244,12 @@ pub(crate) fn pod_status(
         start_time: old.start_time.or(Some(now_t.clone())),
         conditions: Some(vec![
             cond("PodScheduled", true),
-            cond("Initialized", true),
+            cond("Initialized", initialized),
             cond("ContainersReady", ready),
             cond("Ready", ready),
         ]),
         container_statuses: Some(statuses),
+        init_container_statuses: (!init.is_empty()).then_some(init),
         qos_class: old.qos_class,
         ..Default::default()
     }
@@ -406,6 +434,48 @@ mod tests {
                 .exit_code,
             1
         );
+    }
+
+    #[test]
+    fn init_containers_gate_the_pod() {
+        let pod = |policy: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "p", "namespace": "default", "uid": "u"},
+                "spec": {"restartPolicy": policy,
+                         "initContainers": [{"name": "i", "image": "busybox"}],
+                         "containers": [{"name": "c", "image": "busybox"}]}
+            }))
+            .unwrap()
+        };
+        let now = Timestamp::now();
+        let sb = SandboxView { ips: vec![] };
+        let init_running =
+            |n: &str| (n == "i").then(|| seen(api::ContainerState::ContainerRunning, 0, 0, false));
+        let s = pod_status(&pod("Always"), Some(&sb), &init_running, "10.0.0.1", now);
+        assert_eq!(phase(&s), "Pending");
+        assert_eq!(cond(&s, "Initialized"), "False");
+        let main = &s.container_statuses.as_ref().unwrap()[0];
+        let waiting = main.state.as_ref().unwrap().waiting.as_ref().unwrap();
+        assert_eq!(waiting.reason.as_deref(), Some("PodInitializing"));
+
+        let done = |n: &str| {
+            Some(if n == "i" {
+                seen(api::ContainerState::ContainerExited, 0, 0, false)
+            } else {
+                seen(api::ContainerState::ContainerRunning, 0, 0, false)
+            })
+        };
+        let s = pod_status(&pod("Always"), Some(&sb), &done, "10.0.0.1", now);
+        assert_eq!(phase(&s), "Running");
+        assert_eq!(cond(&s, "Initialized"), "True");
+        assert!(s.init_container_statuses.as_ref().unwrap()[0].ready);
+
+        let failed =
+            |n: &str| (n == "i").then(|| seen(api::ContainerState::ContainerExited, 1, 0, false));
+        let s = pod_status(&pod("Never"), Some(&sb), &failed, "10.0.0.1", now);
+        assert_eq!(phase(&s), "Failed");
+        let s = pod_status(&pod("OnFailure"), Some(&sb), &failed, "10.0.0.1", now);
+        assert_eq!(phase(&s), "Pending", "retried under OnFailure");
     }
 
     #[test]

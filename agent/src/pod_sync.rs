@@ -69,6 +69,7 @@ pub(crate) async fn run(
         probers: Probers::default(),
         running: HashSet::new(),
         stopping: Arc::default(),
+        deleting: Arc::default(),
     };
     loop {
         if watch.is_finished() {
@@ -98,6 +99,116 @@ struct Syncer {
     running: HashSet<String>,
     /// Containers being stopped after a failed probe.
     stopping: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Pods (uids) whose delete is being finished.
+    deleting: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// What syncing one container found.
+enum Synced {
+    Observed(Box<Observed>),
+    /// Its env or volumes cannot be built yet (a missing ConfigMap, say): shown in its status,
+    /// retried at the next pass.
+    ConfigError(String),
+}
+
+/// A container's preStop hook.
+#[derive(Debug, Clone)]
+enum PreStop {
+    Exec(Vec<String>),
+    Sleep(i64),
+}
+
+impl PreStop {
+    fn of(c: &k8s_openapi::api::core::v1::Container) -> Option<PreStop> {
+        let h = c.lifecycle.as_ref()?.pre_stop.as_ref()?;
+        if let Some(cmd) = h.exec.as_ref().and_then(|e| e.command.clone()) {
+            return Some(PreStop::Exec(cmd));
+        }
+        if h.http_get.is_some() || h.tcp_socket.is_some() {
+            tracing::warn!(container = %c.name, "preStop httpGet/tcpSocket hooks are not run");
+        }
+        h.sleep.as_ref().map(|s| PreStop::Sleep(s.seconds))
+    }
+
+    /// Runs the hook in the container, for at most `budget` seconds.
+    async fn run(&self, cri: &Cri, id: &str, budget: i64) {
+        let budget = budget.max(1);
+        match self {
+            PreStop::Exec(cmd) => {
+                let req = api::ExecSyncRequest {
+                    container_id: id.to_owned(),
+                    cmd: cmd.clone(),
+                    timeout: budget,
+                };
+                match cri.runtime.clone().exec_sync(req).await {
+                    Ok(r) if r.get_ref().exit_code != 0 => tracing::info!(
+                        container = id,
+                        code = r.get_ref().exit_code,
+                        "preStop hook failed"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::info!(container = id, "preStop hook: {e}"),
+                }
+            }
+            PreStop::Sleep(secs) => {
+                let secs = (*secs).clamp(0, budget) as u64;
+                tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+            }
+        }
+    }
+}
+
+/// Stops the running containers (each after its preStop hook, all within `grace` seconds),
+/// then stops and removes the sandboxes.
+async fn teardown(
+    cri: &Cri,
+    sbs: &[api::PodSandbox],
+    ctrs: &[api::Container],
+    grace: i64,
+    hooks: &HashMap<String, PreStop>,
+) -> Result<(), AgentError> {
+    let started = std::time::Instant::now();
+    let stops = ctrs
+        .iter()
+        .filter(|c| c.state == api::ContainerState::ContainerRunning as i32)
+        .map(|c| {
+            let hook = c
+                .labels
+                .get(LABEL_CONTAINER_NAME)
+                .and_then(|n| hooks.get(n));
+            let mut rt = cri.runtime.clone();
+            let id = c.id.clone();
+            async move {
+                if let Some(h) = hook {
+                    h.run(cri, &id, grace).await;
+                }
+                // What the hook left of the grace period (Kubernetes gives at least 2 s more).
+                let left = grace - started.elapsed().as_secs() as i64;
+                let timeout = if hook.is_some() { left.max(2) } else { grace };
+                rt.stop_container(api::StopContainerRequest {
+                    container_id: id,
+                    timeout,
+                })
+                .await
+            }
+        });
+    for r in futures::future::join_all(stops).await {
+        r.map_err(cri_err("StopContainer"))?;
+    }
+    for s in sbs {
+        let mut rt = cri.runtime.clone();
+        rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: s.id.clone(),
+        })
+        .await
+        .map_err(cri_err("StopPodSandbox"))?;
+        rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+            pod_sandbox_id: s.id.clone(),
+        })
+        .await
+        .map_err(cri_err("RemovePodSandbox"))?;
+    }
+    Ok(())
 }
 
 /// ConfigMap or Secret data by object name, then key.
@@ -144,12 +255,11 @@ impl Syncer {
             let k = pod_spec::key(pod);
             known.insert(k.uid.clone());
             let (sbs, ctrs) = by_uid.remove(&k.uid).unwrap_or_default();
-            let result = if pod.metadata.deletion_timestamp.is_some() {
-                self.finish_delete(pod, &sbs, &ctrs).await
-            } else {
-                self.sync_pod(pod, &sbs, &ctrs).await
-            };
-            if let Err(e) = result {
+            if pod.metadata.deletion_timestamp.is_some() {
+                self.finish_delete(pod, &sbs, &ctrs);
+                continue;
+            }
+            if let Err(e) = self.sync_pod(pod, &sbs, &ctrs).await {
                 tracing::warn!(pod = %format!("{}/{}", k.namespace, k.name), "{e}");
             }
         }
@@ -159,7 +269,7 @@ impl Syncer {
                 uid,
                 "tearing down the sandbox of a pod the API no longer has"
             );
-            match self.teardown(&sbs, &ctrs, 0).await {
+            match teardown(&self.cri, &sbs, &ctrs, 0, &HashMap::new()).await {
                 Ok(()) => volumes::remove(&self.config.pod_dir, &uid),
                 Err(e) => tracing::warn!(uid, "{e}"),
             }
@@ -170,75 +280,57 @@ impl Syncer {
         Ok(())
     }
 
-    /// Stops the containers (each with `grace` seconds), then stops and removes the sandboxes.
-    async fn teardown(
-        &mut self,
-        sbs: &[api::PodSandbox],
-        ctrs: &[api::Container],
-        grace: i64,
-    ) -> Result<(), AgentError> {
-        let stops = ctrs
-            .iter()
-            .filter(|c| c.state == api::ContainerState::ContainerRunning as i32)
-            .map(|c| {
-                let mut rt = self.cri.runtime.clone();
-                let id = c.id.clone();
-                async move {
-                    rt.stop_container(api::StopContainerRequest {
-                        container_id: id,
-                        timeout: grace,
-                    })
-                    .await
-                }
-            });
-        for r in futures::future::join_all(stops).await {
-            r.map_err(cri_err("StopContainer"))?;
-        }
-        for s in sbs {
-            self.cri
-                .runtime
-                .stop_pod_sandbox(api::StopPodSandboxRequest {
-                    pod_sandbox_id: s.id.clone(),
-                })
-                .await
-                .map_err(cri_err("StopPodSandbox"))?;
-            self.cri
-                .runtime
-                .remove_pod_sandbox(api::RemovePodSandboxRequest {
-                    pod_sandbox_id: s.id.clone(),
-                })
-                .await
-                .map_err(cri_err("RemovePodSandbox"))?;
-        }
-        Ok(())
-    }
-
-    /// The API server marked the pod deleted and left it to the node: stop it within its
-    /// grace period, remove the sandbox, then delete the object for good (grace 0).
-    async fn finish_delete(
-        &mut self,
-        pod: &Pod,
-        sbs: &[api::PodSandbox],
-        ctrs: &[api::Container],
-    ) -> Result<(), AgentError> {
+    /// The API server marked the pod deleted and left it to the node: in the background (a
+    /// long grace period must not hold the other pods' sync), run the containers' preStop
+    /// hooks and stop them within the pod's grace period, remove the sandbox and the volumes,
+    /// then delete the object for good (grace 0).
+    fn finish_delete(&mut self, pod: &Pod, sbs: &[api::PodSandbox], ctrs: &[api::Container]) {
         let k = pod_spec::key(pod);
-        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
-        self.teardown(sbs, ctrs, grace).await?;
-        volumes::remove(&self.config.pod_dir, &k.uid);
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &k.namespace);
-        let dp = DeleteParams {
-            grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: Some(k.uid.clone()),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match pods.delete(&k.name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-            Err(e) => Err(api_err(format!("delete pod {}/{}", k.namespace, k.name))(e)),
+        if !self
+            .deleting
+            .lock()
+            .expect("deleting lock")
+            .insert(k.uid.clone())
+        {
+            return;
         }
+        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
+        let hooks: HashMap<String, PreStop> = pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .filter_map(|c| Some((c.name.clone(), PreStop::of(c)?)))
+            .collect();
+        let (cri, client, deleting) =
+            (self.cri.clone(), self.client.clone(), self.deleting.clone());
+        let (sbs, ctrs, pod_dir) = (sbs.to_vec(), ctrs.to_vec(), self.config.pod_dir.clone());
+        tokio::spawn(async move {
+            let name = format!("{}/{}", k.namespace, k.name);
+            let result = async {
+                teardown(&cri, &sbs, &ctrs, grace, &hooks).await?;
+                volumes::remove(&pod_dir, &k.uid);
+                let pods: Api<Pod> = Api::namespaced(client, &k.namespace);
+                let dp = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions {
+                        uid: Some(k.uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                match pods.delete(&k.name, &dp).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+                    Err(e) => Err(api_err(format!("delete pod {name}"))(e)),
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(pod = %name, "finishing the delete: {e}");
+            }
+            // A later pass retries what failed.
+            deleting.lock().expect("deleting lock").remove(&k.uid);
+        });
     }
 
     async fn ensure_image(&mut self, image: &str, policy: Option<&str>) -> Result<(), AgentError> {
@@ -485,6 +577,105 @@ impl Syncer {
         Ok(id)
     }
 
+    /// Brings one container of the pod's sandbox `sid` along: created and started if it has
+    /// no instance, started if created, restarted by `policy` after its back-off if exited;
+    /// with `probe`, its probes run while it runs.
+    #[allow(clippy::too_many_arguments)]
+    async fn sync_container(
+        &mut self,
+        pod: &Pod,
+        sid: &str,
+        sandbox_config: &api::PodSandboxConfig,
+        c: &k8s_openapi::api::core::v1::Container,
+        ctrs: &[api::Container],
+        policy: &str,
+        pod_ip: Option<&str>,
+        probe: bool,
+    ) -> Result<Synced, AgentError> {
+        let mut mine: Vec<&api::Container> = ctrs
+            .iter()
+            .filter(|x| {
+                x.pod_sandbox_id == *sid && x.labels.get(LABEL_CONTAINER_NAME) == Some(&c.name)
+            })
+            .collect();
+        mine.sort_by_key(|x| x.metadata.as_ref().map_or(0, |m| m.attempt));
+        let o = match mine.last() {
+            None => match self
+                .start_container(pod, sid, sandbox_config, c, 0, pod_ip)
+                .await
+            {
+                Ok(id) => Observed {
+                    status: self.container_status(&id).await?,
+                    restart_count: 0,
+                    backing_off: false,
+                    probes: None,
+                },
+                Err(AgentError::PodSpec { reason, .. }) => {
+                    return Ok(Synced::ConfigError(reason));
+                }
+                Err(e) => return Err(e),
+            },
+            Some(newest) => {
+                let attempt = newest.metadata.as_ref().map_or(0, |m| m.attempt);
+                let mut status = self.container_status(&newest.id).await?;
+                let mut backing_off = false;
+                let mut restart_count = attempt;
+                if status.state == api::ContainerState::ContainerCreated as i32 {
+                    self.cri
+                        .runtime
+                        .start_container(api::StartContainerRequest {
+                            container_id: newest.id.clone(),
+                        })
+                        .await
+                        .map_err(cri_err("StartContainer"))?;
+                    status = self.container_status(&newest.id).await?;
+                } else if status.state == api::ContainerState::ContainerExited as i32
+                    && pod_status::restarts(policy, status.exit_code)
+                {
+                    let delay =
+                        pod_status::restart_delay(self.config.restart_backoff_base, attempt);
+                    let due = i128::from(status.finished_at)
+                        + i128::try_from(delay.as_nanos()).unwrap_or(i128::MAX);
+                    if Timestamp::now().as_nanosecond() >= due {
+                        let id = self
+                            .start_container(pod, sid, sandbox_config, c, attempt + 1, pod_ip)
+                            .await?;
+                        // Keep the instance just exited (its log), drop older ones.
+                        for old in mine.iter().take(mine.len().saturating_sub(1)) {
+                            let _ = self
+                                .cri
+                                .runtime
+                                .remove_container(api::RemoveContainerRequest {
+                                    container_id: old.id.clone(),
+                                })
+                                .await;
+                        }
+                        status = self.container_status(&id).await?;
+                        restart_count = attempt + 1;
+                    } else {
+                        backing_off = true;
+                    }
+                }
+                Observed {
+                    status,
+                    restart_count,
+                    backing_off,
+                    probes: None,
+                }
+            }
+        };
+        let mut o = o;
+        if probe && o.status.state == api::ContainerState::ContainerRunning as i32 {
+            let probe_ip = pod_ip.and_then(|ip| ip.parse().ok());
+            self.running.insert(o.status.id.clone());
+            o.probes = self.probers.verdict(&o.status.id, c, probe_ip, &self.cri);
+            if let Some(why) = o.probes.and_then(|v| v.failed) {
+                self.kill_unhealthy(pod, c, &o.status.id, why);
+            }
+        }
+        Ok(Synced::Observed(Box::new(o)))
+    }
+
     async fn sync_pod(
         &mut self,
         pod: &Pod,
@@ -514,7 +705,7 @@ impl Syncer {
             None if terminal => return Ok(()),
             None => {
                 // A sandbox that died (or was stopped) is replaced, with all its containers.
-                self.teardown(sbs, ctrs, 0).await?;
+                teardown(&self.cri, sbs, ctrs, 0, &HashMap::new()).await?;
                 let id = self
                     .cri
                     .runtime
@@ -555,102 +746,55 @@ impl Syncer {
             let first_ip = ips.first().cloned();
             sandbox_view = Some(SandboxView { ips });
             let pod_ip = first_ip.as_deref();
-            for c in &spec.containers {
-                let mut mine: Vec<&api::Container> = ctrs
-                    .iter()
-                    .filter(|x| {
-                        x.pod_sandbox_id == *sid
-                            && x.labels.get(LABEL_CONTAINER_NAME) == Some(&c.name)
-                    })
-                    .collect();
-                mine.sort_by_key(|x| x.metadata.as_ref().map_or(0, |m| m.attempt));
-                let o = match mine.last() {
-                    None => match self
-                        .start_container(pod, sid, &sandbox_config, c, 0, pod_ip)
-                        .await
-                    {
-                        Ok(id) => Observed {
-                            status: self.container_status(&id).await?,
-                            restart_count: 0,
-                            backing_off: false,
-                            probes: None,
-                        },
-                        // Its env or volumes cannot be built yet (a missing ConfigMap, say):
-                        // shown in its status, retried at the next pass.
-                        Err(AgentError::PodSpec { reason, .. }) => {
-                            config_errors.insert(c.name.clone(), reason);
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    },
-                    Some(newest) => {
-                        let attempt = newest.metadata.as_ref().map_or(0, |m| m.attempt);
-                        let mut status = self.container_status(&newest.id).await?;
-                        let mut backing_off = false;
-                        let mut restart_count = attempt;
-                        if status.state == api::ContainerState::ContainerCreated as i32 {
-                            self.cri
-                                .runtime
-                                .start_container(api::StartContainerRequest {
-                                    container_id: newest.id.clone(),
-                                })
-                                .await
-                                .map_err(cri_err("StartContainer"))?;
-                            status = self.container_status(&newest.id).await?;
-                        } else if status.state == api::ContainerState::ContainerExited as i32
-                            && pod_status::restarts(&policy, status.exit_code)
-                        {
-                            let delay = pod_status::restart_delay(
-                                self.config.restart_backoff_base,
-                                attempt,
-                            );
-                            let due = i128::from(status.finished_at)
-                                + i128::try_from(delay.as_nanos()).unwrap_or(i128::MAX);
-                            if Timestamp::now().as_nanosecond() >= due {
-                                let id = self
-                                    .start_container(
-                                        pod,
-                                        sid,
-                                        &sandbox_config,
-                                        c,
-                                        attempt + 1,
-                                        pod_ip,
-                                    )
-                                    .await?;
-                                // Keep the instance just exited (its log), drop older ones.
-                                for old in mine.iter().take(mine.len().saturating_sub(1)) {
-                                    let _ = self
-                                        .cri
-                                        .runtime
-                                        .remove_container(api::RemoveContainerRequest {
-                                            container_id: old.id.clone(),
-                                        })
-                                        .await;
-                                }
-                                status = self.container_status(&id).await?;
-                                restart_count = attempt + 1;
-                            } else {
-                                backing_off = true;
-                            }
-                        }
-                        Observed {
-                            status,
-                            restart_count,
-                            backing_off,
-                            probes: None,
-                        }
+            // Init containers one at a time, each to a successful exit, before the others.
+            let init_policy = if policy == "Never" {
+                "Never"
+            } else {
+                "OnFailure"
+            };
+            let mut initialized = true;
+            for c in spec.init_containers.iter().flatten() {
+                let o = self
+                    .sync_container(
+                        pod,
+                        sid,
+                        &sandbox_config,
+                        c,
+                        ctrs,
+                        init_policy,
+                        pod_ip,
+                        false,
+                    )
+                    .await;
+                let done = match o? {
+                    Synced::Observed(o) => {
+                        let done = o.status.state == api::ContainerState::ContainerExited as i32
+                            && o.status.exit_code == 0;
+                        observed.insert(c.name.clone(), *o);
+                        done
+                    }
+                    Synced::ConfigError(reason) => {
+                        config_errors.insert(c.name.clone(), reason);
+                        false
                     }
                 };
-                let mut o = o;
-                if o.status.state == api::ContainerState::ContainerRunning as i32 {
-                    let probe_ip = pod_ip.and_then(|ip| ip.parse().ok());
-                    self.running.insert(o.status.id.clone());
-                    o.probes = self.probers.verdict(&o.status.id, c, probe_ip, &self.cri);
-                    if let Some(why) = o.probes.and_then(|v| v.failed) {
-                        self.kill_unhealthy(pod, c, &o.status.id, why);
+                if !done {
+                    initialized = false;
+                    break;
+                }
+            }
+            for c in spec.containers.iter().filter(|_| initialized) {
+                match self
+                    .sync_container(pod, sid, &sandbox_config, c, ctrs, &policy, pod_ip, true)
+                    .await?
+                {
+                    Synced::Observed(o) => {
+                        observed.insert(c.name.clone(), *o);
+                    }
+                    Synced::ConfigError(reason) => {
+                        config_errors.insert(c.name.clone(), reason);
                     }
                 }
-                observed.insert(c.name.clone(), o);
             }
         }
         let mut base = pod.clone();
