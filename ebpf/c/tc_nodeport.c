@@ -8,6 +8,12 @@
  * entry wins, else ClientIP affinity, else the service's Maglev table (stable when backends
  * change). A service without backends drops the packet and counts it as refused.
  * IPv4, TCP and UDP, no IP options (anything else passes untouched).
+ *
+ * Unless the service keeps the client's address (externalTrafficPolicy=Local), the first packet
+ * of a flow gets KEEL_MARK_SNAT: the proxy's masquerade rule (netfilter, POSTROUTING) then gives
+ * it the node's source address, so the backend, maybe on another node, replies through this
+ * node. That reply comes back un-masqueraded by conntrack and leaves through the external
+ * interface again, where keel_tc_revnat_egress turns its source back into the service address.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -23,6 +29,8 @@
 
 /* Affinity clients of the tc path are addresses; bit 63 keeps them apart from netns cookies. */
 #define KEEL_TC_CLIENT_TAG (1ULL << 63)
+/* skb->mark bit for the proxy's masquerade rule (mirrored as keel_ebpf::MARK_SNAT). */
+#define KEEL_MARK_SNAT 0x00400000
 #define IP_OFF ETH_HLEN
 #define L4_OFF (ETH_HLEN + sizeof(struct iphdr))
 #define IP_CSUM_OFF (IP_OFF + 10)
@@ -63,14 +71,38 @@ static __always_inline int rewrite(struct __sk_buff *skb, int l4_csum_off, int i
 	return 0;
 }
 
-SEC("classifier")
-int keel_tc_nodeport(struct __sk_buff *skb)
+/* The flow of an IPv4 TCP/UDP packet without options or fragment offset; -1 for anything else. */
+static __always_inline int parse_flow(struct __sk_buff *skb, struct keel_ct_key *ct)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__be16 *ports;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end || ip->ihl != 5)
+		return -1;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return -1;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return -1; /* later fragments carry no ports */
+	ports = (void *)(ip + 1);
+	if ((void *)(ports + 2) > data_end)
+		return -1;
+	ct->saddr = ip->saddr;
+	ct->daddr = ip->daddr;
+	ct->sport = ports[0];
+	ct->dport = ports[1];
+	ct->proto = ip->protocol;
+	return 0;
+}
+
+SEC("classifier")
+int keel_tc_nodeport(struct __sk_buff *skb)
+{
 	struct keel_ct_key ct = {};
 	struct keel_nat_val *nat;
 	struct keel_ct_val *cv;
@@ -80,26 +112,10 @@ int keel_tc_nodeport(struct __sk_buff *skb)
 	__be16 new_port;
 	int is_udp, csum_off;
 
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (parse_flow(skb, &ct))
 		return TC_ACT_OK;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end || ip->ihl != 5)
-		return TC_ACT_OK;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return TC_ACT_OK;
-	if (ip->frag_off & bpf_htons(0x1fff))
-		return TC_ACT_OK; /* later fragments carry no ports */
-	ports = (void *)(ip + 1);
-	if ((void *)(ports + 2) > data_end)
-		return TC_ACT_OK;
-	is_udp = ip->protocol == IPPROTO_UDP;
+	is_udp = ct.proto == IPPROTO_UDP;
 	csum_off = L4_OFF + (is_udp ? 6 : 16);
-
-	ct.saddr = ip->saddr;
-	ct.daddr = ip->daddr;
-	ct.sport = ports[0];
-	ct.dport = ports[1];
-	ct.proto = ip->protocol;
 
 	/* A reply from a backend: source back to the service address. */
 	nat = bpf_map_lookup_elem(&keel_tc_revnat, &ct);
@@ -168,9 +184,30 @@ int keel_tc_nodeport(struct __sk_buff *skb)
 		rv.addr = ct.daddr;
 		rv.port = ct.dport;
 		bpf_map_update_elem(&keel_tc_revnat, &rk, &rv, BPF_ANY);
+		if (!(svc->flags & KEEL_SVC_F_LOCAL_ONLY))
+			skb->mark |= KEEL_MARK_SNAT;
 	}
 	if (rewrite(skb, csum_off, is_udp, IP_DST_OFF, ct.daddr, new_addr, L4_OFF + 2, ct.dport,
 		    new_port))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+/* Egress of the external interface: replies of backends (local, or remote ones un-masqueraded by
+ * conntrack) leave with the service address as their source. Nothing else is touched. */
+SEC("classifier")
+int keel_tc_revnat_egress(struct __sk_buff *skb)
+{
+	struct keel_ct_key ct = {};
+	struct keel_nat_val *nat;
+	int is_udp;
+
+	if (parse_flow(skb, &ct))
+		return TC_ACT_OK;
+	is_udp = ct.proto == IPPROTO_UDP;
+	nat = bpf_map_lookup_elem(&keel_tc_revnat, &ct);
+	if (nat && rewrite(skb, L4_OFF + (is_udp ? 6 : 16), is_udp, IP_SRC_OFF, ct.saddr, nat->addr,
+			   L4_OFF, ct.sport, nat->port))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }

@@ -18,8 +18,14 @@ pub static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub static TC_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc_nodeport.o"));
 
-/// The program in [`TC_OBJECT`].
+/// The ingress program in [`TC_OBJECT`] (DNAT to backends, reverse NAT of replies).
 pub const TC_PROGRAM: &str = "keel_tc_nodeport";
+
+/// The egress program in [`TC_OBJECT`] (reverse NAT of replies leaving the node).
+pub const TC_EGRESS_PROGRAM: &str = "keel_tc_revnat_egress";
+
+/// The skb mark bit the tc program sets on flows to masquerade (`KEEL_MARK_SNAT`).
+pub const MARK_SNAT: u32 = 0x0040_0000;
 
 /// The programs in [`SOCK_OBJECT`]: (program name, attach type name as in `cgroup/<name>`).
 pub const SOCK_PROGRAMS: &[(&str, &str)] = &[

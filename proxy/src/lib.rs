@@ -19,6 +19,7 @@ pub mod maps;
 pub mod model;
 pub mod proxy;
 pub mod server;
+mod snat;
 pub mod sync;
 
 pub use kube_source::{ApiSource, Source, choose_source};

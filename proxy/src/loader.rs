@@ -15,7 +15,7 @@ use aya::EbpfLoader;
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
-use keel_ebpf::{SOCK_OBJECT, SOCK_PROGRAMS, TC_OBJECT, TC_PROGRAM, map_names};
+use keel_ebpf::{SOCK_OBJECT, SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_OBJECT, TC_PROGRAM, map_names};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -186,9 +186,10 @@ pub fn install(cgroup: &Path, bpffs_dir: &Path) -> Result<(), LoaderError> {
     Ok(())
 }
 
-/// Loads the tc NodePort program (sharing the pinned service maps) and attaches it to the
-/// ingress of each interface (external interfaces and pod veths) as a pinned tcx link
-/// `links/tc-<iface>`, with the same gap-free takeover as the socket hooks. `netns`: the network
+/// Loads the tc NodePort programs (sharing the pinned service maps) and attaches them to each
+/// interface (external interfaces and pod veths) as pinned tcx links: DNAT on ingress
+/// (`links/tc-<iface>`), reverse NAT on egress (`links/tcegress-<iface>`), with the same
+/// gap-free takeover as the socket hooks. `netns`: the network
 /// namespace the interfaces live in (default: the proxy's own).
 pub fn install_tc(
     bpffs_dir: &Path,
@@ -225,40 +226,44 @@ fn attach_tc(bpffs_dir: &Path, interfaces: &[String]) -> Result<(), LoaderError>
         .default_map_pin_directory(bpffs_dir)
         .load(TC_OBJECT)
         .map_err(|e| LoaderError::Load(Box::new(e)))?;
-    let name = TC_PROGRAM;
-    let perr = |source: aya::programs::ProgramError| LoaderError::Program {
-        name,
-        source: Box::new(source),
-    };
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or(LoaderError::MissingProgram(name))?
-        .try_into()
-        .map_err(perr)?;
-    prog.load().map_err(perr)?;
-    for iface in interfaces {
-        let id = prog
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|e| LoaderError::Tc {
+    for (name, attach, pin_prefix) in [
+        (TC_PROGRAM, TcAttachType::Ingress, "tc"),
+        (TC_EGRESS_PROGRAM, TcAttachType::Egress, "tcegress"),
+    ] {
+        let perr = |source: aya::programs::ProgramError| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        };
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(LoaderError::MissingProgram(name))?
+            .try_into()
+            .map_err(perr)?;
+        prog.load().map_err(perr)?;
+        for iface in interfaces {
+            let id = prog.attach(iface, attach).map_err(|e| LoaderError::Tc {
                 iface: iface.clone(),
                 reason: e.to_string(),
             })?;
-        let link: FdLink = prog.take_link(id).map_err(perr)?.try_into().map_err(
-            |e: aya::programs::links::LinkError| LoaderError::Tc {
-                iface: iface.clone(),
-                reason: format!("no tcx link ({e}); needs Linux >= 6.6"),
-            },
-        )?;
-        let pin = bpffs_dir.join("links").join(format!("tc-{iface}"));
-        match std::fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("remove old link pin", &pin)(e)),
+            let link: FdLink = prog.take_link(id).map_err(perr)?.try_into().map_err(
+                |e: aya::programs::links::LinkError| LoaderError::Tc {
+                    iface: iface.clone(),
+                    reason: format!("no tcx link ({e}); needs Linux >= 6.6"),
+                },
+            )?;
+            let pin = bpffs_dir
+                .join("links")
+                .join(format!("{pin_prefix}-{iface}"));
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove old link pin", &pin)(e)),
+            }
+            link.pin(&pin).map_err(|source| LoaderError::Pin {
+                path: pin.clone(),
+                source: Box::new(source),
+            })?;
         }
-        link.pin(&pin).map_err(|source| LoaderError::Pin {
-            path: pin.clone(),
-            source: Box::new(source),
-        })?;
     }
     Ok(())
 }

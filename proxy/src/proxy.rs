@@ -167,6 +167,14 @@ fn apply_update(
 fn install(cfg: &ProxyConfig) -> Result<Arc<Mutex<Shared>>, ProxyError> {
     loader::install(&cfg.cgroup, &cfg.bpffs_dir)?;
     loader::install_tc(&cfg.bpffs_dir, &cfg.tc_interfaces, cfg.tc_netns.as_deref())?;
+    if !cfg.tc_interfaces.is_empty()
+        && let Err(e) = crate::snat::ensure(cfg.tc_netns.as_deref())
+    {
+        tracing::warn!(
+            "the masquerade rule for NodePort flows is missing ({e}): NodePorts reach only \
+             backends on this node (install iptables)"
+        );
+    }
     let mut maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let (applied, garbage) = maps.dump()?;
     maps.collect_garbage(&garbage)?;
@@ -435,5 +443,12 @@ impl Drop for Proxy {
 
 /// `keel proxy uninstall`: removes every program, link and pin. Returns what was removed.
 pub fn uninstall(bpffs_dir: &Path) -> Result<Vec<PathBuf>, ProxyError> {
-    Ok(loader::uninstall(bpffs_dir)?)
+    let removed = loader::uninstall(bpffs_dir)?;
+    if removed.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("tc"))
+    }) {
+        crate::snat::remove();
+    }
+    Ok(removed)
 }
