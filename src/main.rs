@@ -58,8 +58,9 @@ enum Command {
     Scheduler(cli::scheduler::SchedulerArgs),
     /// eBPF service proxy (kube-proxy replacement): run it, `ls`, `uninstall`.
     Proxy(cli::proxy::ProxyArgs),
-    /// Run the node agent: register the Node, heartbeat, run its pods through a CRI endpoint.
-    Agent(cli::agent::AgentArgs),
+    /// Join a cluster as a node (`--server URL --token T`): CNI, CRI endpoint, agent, service
+    /// proxy; or only the agent against any API server and CRI endpoint.
+    Agent(Box<cli::agent::AgentArgs>),
 }
 
 fn main() -> ExitCode {
@@ -83,7 +84,7 @@ fn main() -> ExitCode {
             Command::Server(args) => cli::server::run(&cli.root, &config, *args),
             Command::Scheduler(args) => cli::scheduler::run(args),
             Command::Proxy(args) => cli::proxy::run(args),
-            Command::Agent(args) => cli::agent::run(args),
+            Command::Agent(args) => cli::agent::run(&cli.root, &config, *args),
         }
     })();
     match result {

@@ -12,196 +12,22 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node as KNode, Pod};
 use keel_cri::api;
-use keel_testkit::image_builder::{MediaTypes, Variant, build_cached};
-use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, privileged};
+use keel_testkit::{NetnsGuard, privileged};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-const IMAGE: &str = "example.com/keel/busybox:v1";
+mod common;
+
+use common::{IMAGE, NodeRes, Proc, keel_bin, kubectl_in, wait_for};
+
 const NODE: &str = "keel-test-node";
-
-fn keel_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_keel"))
-}
-
-/// A child process (server, cri, agent) SIGKILLed on drop; its log printed if the test fails.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // KEEL_TEST_LOG_DIR keeps every log of a passing run too (the state root goes).
-        if let Some(keep) = std::env::var_os("KEEL_TEST_LOG_DIR") {
-            let name = self.log.file_name().unwrap_or_default();
-            let _ = std::fs::copy(&self.log, Path::new(&keep).join(name));
-        }
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("---- {} log ----\n{text}", self.name);
-        }
-    }
-}
-
-/// The node's resources: a network namespace, a cgroup parent, a state root with the image
-/// and keel-cni installed. Drop removes every pod left (`keel pod rm -f`, no daemon needed),
-/// then the cgroups, the namespace and the state root.
-struct NodeRes {
-    cgroup: Option<CgroupGuard>,
-    netns: Option<NetnsGuard>,
-    state: Option<StateRoot>,
-}
-
-impl NodeRes {
-    fn new() -> NodeRes {
-        let plugin = keel_bin().with_file_name("keel-cni");
-        assert!(
-            plugin.is_file(),
-            "{} is missing: run `cargo build -p keel-cni` first",
-            plugin.display()
-        );
-        let node = NodeRes {
-            cgroup: Some(CgroupGuard::new().unwrap()),
-            netns: Some(NetnsGuard::new().unwrap()),
-            state: Some(StateRoot::new().unwrap()),
-        };
-        let tar = node.root().join("busybox.tar");
-        build_cached(Variant::Single, MediaTypes::Oci)
-            .unwrap()
-            .write_oci_archive(&tar, IMAGE)
-            .unwrap();
-        node.keel_ok(&["image", "import", tar.to_str().unwrap()]);
-        node.install_cni("10.250.7.0/24");
-        node
-    }
-    fn root(&self) -> &Path {
-        self.state.as_ref().unwrap().path()
-    }
-    fn run_dir(&self) -> PathBuf {
-        self.root().join("run/containers")
-    }
-    fn socket(&self) -> PathBuf {
-        self.root().join("keel.sock")
-    }
-    fn keel(&self, args: &[&str]) -> std::process::Output {
-        Command::new(keel_bin())
-            .arg("--root")
-            .arg(self.root())
-            .args(args)
-            .env_remove("KEEL_CONFIG")
-            .env("KEEL_RUN_DIR", self.run_dir())
-            .output()
-            .unwrap()
-    }
-    fn keel_ok(&self, args: &[&str]) -> String {
-        let out = self.keel(args);
-        assert!(
-            out.status.success(),
-            "keel {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    fn install_cni(&self, subnet: &str) {
-        let conf = self.root().join("cni/net.d");
-        self.keel_ok(&[
-            "cni",
-            "install",
-            "--bin-dir",
-            self.root().join("cni/bin").to_str().unwrap(),
-            "--conf-dir",
-            conf.to_str().unwrap(),
-            "--network",
-            "keeltest",
-            "--bridge",
-            "kbr0",
-            "--subnet",
-            subnet,
-            "--no-masquerade",
-        ]);
-        let file = std::fs::read_dir(&conf)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "conflist"))
-            .expect("keel cni install wrote a conflist");
-        let mut list: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-        list["plugins"][0]["ipam"]["dataDir"] = json!(self.root().join("ipam").to_str().unwrap());
-        std::fs::write(&file, list.to_string()).unwrap();
-    }
-
-    /// `keel cri` inside the node's network namespace.
-    fn start_cri(&self) -> Proc {
-        let log = self.root().join("cri.log");
-        let child = Command::new("nsenter")
-            .arg(format!(
-                "--net={}",
-                self.netns.as_ref().unwrap().path().display()
-            ))
-            .arg("--")
-            .arg(keel_bin())
-            .arg("--root")
-            .arg(self.root())
-            .args(["--log", "info", "cri", "--socket"])
-            .arg(self.socket())
-            .arg("--cni-conf-dir")
-            .arg(self.root().join("cni/net.d"))
-            .arg("--cni-bin-dir")
-            .arg(self.root().join("cni/bin"))
-            .args(["--metrics-address", ""])
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("--cgroup-parent")
-            .arg(self.cgroup.as_ref().unwrap().name())
-            .env_remove("KEEL_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proc {
-            name: "keel cri",
-            child,
-            log,
-        }
-    }
-}
-
-impl Drop for NodeRes {
-    fn drop(&mut self) {
-        let ids = self.keel(&["pod", "ls", "-q"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.keel(&["pod", "rm", "-f", id]);
-        }
-        let ids = self.keel(&["ctr", "ls", "-a", "-q"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.keel(&["ctr", "rm", "-f", id]);
-        }
-        let parent = self.cgroup.as_ref().unwrap().name().to_owned();
-        drop(self.cgroup.take());
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for l in mounts.lines() {
-            let f: Vec<&str> = l.split(' ').collect();
-            if f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2") {
-                keel_testkit::cgroup::remove_tree(&Path::new(f[1]).join(&parent));
-            }
-        }
-        drop(self.netns.take());
-        drop(self.state.take());
-    }
-}
 
 fn start_server(dir: &Path) -> (Proc, PathBuf) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -248,22 +74,6 @@ async fn client(kubeconfig: &Path) -> kube::Client {
         .await
         .unwrap();
     kube::Client::try_from(config).unwrap()
-}
-
-/// Polls `f` every 200 ms until it returns Some, for at most `secs`.
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn pod(name: &str, policy: &str, script: &str) -> Pod {
@@ -324,11 +134,12 @@ fn start_agent(node: &NodeRes, kubeconfig: &Path, n: u32) -> Proc {
     let child = Command::new(keel_bin())
         .args(["--log", "keel_agent=debug,info", "agent", "--kubeconfig"])
         .arg(kubeconfig)
-        .args(["--node-name", NODE, "--cri-socket"])
+        .args(["--node-name", NODE, "--external-cri", "--disable-proxy"])
+        .arg("--cri-socket")
         .arg(node.socket())
         .arg("--token-file")
         .arg(dir.join("server/tokens/node-join"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--agent-listen", "127.0.0.1:0"])
         .args(["--node-ip", "127.0.0.1", "--pod-log-dir"])
         .arg(dir.join("pod-logs"))
         .arg("--pod-dir")
@@ -573,6 +384,85 @@ async fn agent_runs_the_pods_of_its_node() {
     .await;
     assert_eq!(sandboxes_of(&mut cri, &uid).await, 0, "sandbox removed");
 
+    // Init containers run one after the other, each to success, before the main container; on
+    // delete the preStop hook runs before the container is stopped.
+    let hooks = dir.join("hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    let work = json!([{"name": "work", "mountPath": "/work"}]);
+    let staged: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "staged"},
+        "spec": {
+            "terminationGracePeriodSeconds": 10,
+            "volumes": [{"name": "work", "emptyDir": {}},
+                        {"name": "host", "hostPath": {"path": hooks.to_str().unwrap()}}],
+            "initContainers": [
+                {"name": "one", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+                 "command": ["sh", "-c", "sleep 1; echo one >> /work/order"], "volumeMounts": work},
+                {"name": "two", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+                 "command": ["sh", "-c", "echo two >> /work/order"], "volumeMounts": work}
+            ],
+            "containers": [{
+                "name": "main", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", "cat /work/order; echo main; trap 'exit 0' TERM; sleep 3600 & wait"],
+                "volumeMounts": [{"name": "work", "mountPath": "/work"},
+                                 {"name": "host", "mountPath": "/host"}],
+                "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "sleep 1; echo ran > /host/prestop"]}}}
+            }]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &staged).await.unwrap();
+    // The first status the agent writes (it has conditions), while "one" still sleeps.
+    let first = wait_for("staged's status from the node", 30, || async {
+        let s = pods.get("staged").await.ok()?.status?;
+        s.conditions.is_some().then_some(s)
+    })
+    .await;
+    let staged = wait_for("staged Running", 60, || async {
+        let p = pods.get("staged").await.ok()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+    })
+    .await;
+    if first.phase.as_deref() == Some("Pending") {
+        let init = first.conditions.unwrap_or_default();
+        assert!(
+            init.iter()
+                .any(|c| c.type_ == "Initialized" && c.status == "False"),
+            "not initialized while its init containers run: {init:?}"
+        );
+    }
+    assert_eq!(condition(&staged, "Initialized").as_deref(), Some("True"));
+    let inits = staged
+        .status
+        .as_ref()
+        .unwrap()
+        .init_container_statuses
+        .clone()
+        .unwrap();
+    assert_eq!(inits.len(), 2);
+    for s in &inits {
+        let t = s.state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!(t.exit_code, 0, "{}", s.name);
+    }
+    wait_for("the main container's log", 20, || async {
+        let (ok, out) = kubectl(&kubeconfig, &["logs", "staged"]);
+        (ok && out == "one\ntwo\nmain\n").then_some(())
+    })
+    .await;
+    pods.delete("staged", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("pod staged gone from the API", 30, || async {
+        pods.get_opt("staged").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(hooks.join("prestop")).unwrap_or_default(),
+        "ran\n",
+        "the preStop hook ran before the stop"
+    );
+
     // A Deployment of 2 replicas.
     let deploy: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -773,46 +663,6 @@ async fn check_kubectl_logs(kubeconfig: &Path, nodes: &Api<KNode>) {
 }
 
 /// `kubectl` inside network namespace `netns` (where `keel server` serves).
-fn kubectl_in(
-    netns: &Path,
-    kubeconfig: &Path,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> (bool, String) {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", netns.display()))
-        .args(["--", "kubectl", "--kubeconfig"])
-        .arg(kubeconfig)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("nsenter kubectl");
-    if let Some(text) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = if out.status.success() {
-        out.stdout
-    } else {
-        out.stderr
-    };
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&text).into_owned(),
-    )
-}
-
 /// `keel server` without --no-node is a single-node cluster by itself: its node (CRI endpoint,
 /// agent, proxy in the same process) turns Ready, runs a pod and serves its log, probes gate
 /// readiness and restart a container that fails liveness; SIGTERM stops it cleanly. Everything runs inside the test's network namespace; the proxy's socket hooks

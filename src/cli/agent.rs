@@ -1,25 +1,39 @@
-//! `keel agent`: the node agent against an API server (keel's or a Kubernetes one) and a CRI
-//! endpoint (`keel cri`, or any CRI runtime). Parses flags into a `keel_agent::AgentConfig`
-//! and runs the agent until SIGTERM or SIGINT. The work is in keel-agent.
+//! `keel agent`: this machine as a node of a cluster. `--server URL --token T` joins a keel
+//! server (the CA pinned by the join token, see `keel_cluster::join`) and runs the same node
+//! roles as `keel server`'s own node (`server_node.rs`): keel-cni, the CRI endpoint, the agent
+//! and the service proxy. `--kubeconfig` talks to any API server instead; `--external-cri`
+//! drives an existing CRI endpoint (keel cri, containerd, CRI-O) rather than running one. Runs
+//! until SIGTERM or SIGINT. The work is in keel-agent and the node roles' crates.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use keel_agent::{Agent, AgentConfig};
+use anyhow::{Context, bail};
+use keel_cluster::join::{JoinError, JoinToken};
 use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::server_node::{self, NodeArgs, NodeRoles};
+use crate::config::Config;
 
 /// `keel agent` flags.
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
-    /// Kubeconfig of the API server (its current context).
-    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
-    pub kubeconfig: PathBuf,
-    /// The cluster's node join token (`<server data dir>/tokens/node-join`): the agent then
-    /// authenticates as this node only, with the credential minted from it, instead of as the
-    /// kubeconfig's user. Prefer --token-file or the environment: arguments are visible in ps.
+    /// The keel server to join, e.g. https://10.0.0.1:6443 (with --token or --token-file).
+    #[arg(
+        long,
+        value_name = "URL",
+        required_unless_present = "kubeconfig",
+        conflicts_with = "kubeconfig"
+    )]
+    pub server: Option<String>,
+    /// Kubeconfig of the API server (its current context), instead of --server.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The join token: the contents of the server's `<data dir>/node-token`
+    /// (`keel1.<ca-sha256>.<secret>`), which pins the server's CA. With --kubeconfig the bare
+    /// secret (`tokens/node-join`) will do. The agent authenticates as its node only. Prefer
+    /// --token-file or the environment: arguments are visible in ps.
     #[arg(
         long,
         value_name = "TOKEN",
@@ -28,29 +42,22 @@ pub struct AgentArgs {
         conflicts_with = "token_file"
     )]
     pub token: Option<String>,
-    /// A file holding the node join token (see --token).
+    /// A file holding the join token (see --token).
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-    /// Where the log endpoint listens (HTTPS; the API server proxies `kubectl logs` to it).
-    /// Served only with a node credential (--token, or a node kubeconfig). Default: the node IP,
-    /// port 10250.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// This node's name.
-    #[arg(long, value_name = "NAME")]
-    pub node_name: String,
-    /// The CRI endpoint's unix socket.
-    #[arg(long, value_name = "PATH", default_value = keel_cri::server::DEFAULT_SOCKET)]
-    pub cri_socket: PathBuf,
-    /// The node's InternalIP (and the hostIP of its pods). Default: 127.0.0.1.
-    #[arg(long, value_name = "IP")]
-    pub node_ip: Option<IpAddr>,
-    /// Pod log root: `<DIR>/<namespace>_<name>_<uid>/<container>/<restart>.log`.
-    #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
-    pub pod_log_dir: PathBuf,
-    /// Pods' volumes (emptyDir, configMap, secret): `<DIR>/<uid>/volumes/...`.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/keel/agent/pods")]
-    pub pod_dir: PathBuf,
+    /// Agent data dir: the kubeconfig written on joining, the CNI dir (unless --cni-dir).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/keel/agent")]
+    pub data_dir: PathBuf,
+    /// Drive the CRI endpoint at --cri-socket (keel cri, containerd, CRI-O, with their own CNI
+    /// config) instead of running keel's endpoint and keel-cni in this process.
+    #[arg(long)]
+    pub external_cri: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Pods' volumes (emptyDir, configMap, secret): `<DIR>/<uid>/volumes/...`. Default:
+    /// `<root>/agent/pods`.
+    #[arg(long, value_name = "DIR")]
+    pub pod_dir: Option<PathBuf>,
     /// CPU kept from pods, in millicores.
     #[arg(long, value_name = "MILLICORES", default_value_t = 0)]
     pub reserved_cpu: u64,
@@ -60,40 +67,20 @@ pub struct AgentArgs {
     /// Pods per node.
     #[arg(long, value_name = "N", default_value_t = 110)]
     pub max_pods: u32,
-    /// Lease and Ready heartbeat renewal, in seconds.
-    #[arg(long, value_name = "S", default_value_t = 10)]
-    pub heartbeat_interval: u64,
     /// First restart back-off of an exited container, in seconds (doubling, at most 300).
     #[arg(long, value_name = "S", default_value_t = 10.0)]
     pub restart_backoff: f64,
     /// Cluster DNS server for `dnsPolicy: ClusterFirst` pods; unset: the node's resolv.conf.
     #[arg(long, value_name = "IP")]
-    pub cluster_dns: Option<IpAddr>,
+    pub cluster_dns: Option<std::net::IpAddr>,
     /// Cluster domain of the DNS search paths.
     #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
 }
 
-pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    if args.heartbeat_interval == 0 {
-        anyhow::bail!("--heartbeat-interval must be at least 1");
-    }
+pub fn run(root: &Path, cfg: &Config, args: AgentArgs) -> anyhow::Result<ExitCode> {
     let restart_backoff = Duration::try_from_secs_f64(args.restart_backoff)
         .context("--restart-backoff must be a non-negative number of seconds")?;
-    let mut config = AgentConfig::new(args.node_name, args.cri_socket);
-    config.node_ip = args.node_ip;
-    config.pod_log_dir = args.pod_log_dir;
-    config.pod_dir = args.pod_dir;
-    config.reserved_cpu_millis = args.reserved_cpu;
-    config.reserved_memory_bytes = args.reserved_memory;
-    config.max_pods = args.max_pods;
-    config.heartbeat_interval = Duration::from_secs(args.heartbeat_interval);
-    config.restart_backoff_base = restart_backoff;
-    config.cluster_dns = args.cluster_dns;
-    config.cluster_domain = args.cluster_domain;
-    config.listen = Some(args.listen.unwrap_or_else(|| {
-        SocketAddr::new(args.node_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])), 10250)
-    }));
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(path)) => Some(
@@ -105,8 +92,28 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         (None, None) => None,
     };
     if token.as_deref() == Some("") {
-        anyhow::bail!("the node join token is empty");
+        bail!("the join token is empty");
     }
+    let join = match (&args.server, &token) {
+        (Some(url), Some(t)) => Some((url.clone(), JoinToken::parse(t)?)),
+        (Some(_), None) => bail!(
+            "--server needs the join token (--token or --token-file): the server's \
+             <data dir>/node-token"
+        ),
+        (None, _) => None,
+    };
+    let mut plan = server_node::plan(root, cfg, &args.node, &args.data_dir, !args.external_cri)?;
+    let agent = &mut plan.agent;
+    if let Some(dir) = args.pod_dir {
+        agent.pod_dir = dir;
+    }
+    agent.reserved_cpu_millis = args.reserved_cpu;
+    agent.reserved_memory_bytes = args.reserved_memory;
+    agent.max_pods = args.max_pods;
+    agent.restart_backoff_base = restart_backoff;
+    agent.cluster_dns = args.cluster_dns;
+    agent.cluster_domain = args.cluster_domain;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,12 +121,53 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-        let agent = Agent::from_kubeconfig(config, &args.kubeconfig, token.as_deref()).await?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-            r = agent.run() => r.context("agent")?,
-        }
-        Ok(ExitCode::SUCCESS)
+        let (kubeconfig, secret) = match join {
+            Some((url, token)) => {
+                let path =
+                    write_join_kubeconfig(&url, &token, &plan.node_name, &args.data_dir).await?;
+                // The kubeconfig holds the node credential already.
+                (path, None)
+            }
+            None => (
+                args.kubeconfig
+                    .expect("clap requires --kubeconfig without --server"),
+                token.map(|t| JoinToken::parse(&t).map(|j| j.secret).unwrap_or(t)),
+            ),
+        };
+        let mut roles = NodeRoles::start(plan, kubeconfig, secret).await?;
+        let outcome = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT"); Ok(()) }
+            e = roles.failed() => Err(e),
+        };
+        roles.shutdown().await;
+        outcome.map(|()| ExitCode::SUCCESS)
     })
+}
+
+/// Fetches the server's CA (checked against the token's pin; retried while the server does
+/// not answer) and writes `<data dir>/kubeconfig` for this node.
+async fn write_join_kubeconfig(
+    url: &str,
+    token: &JoinToken,
+    node_name: &str,
+    data_dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let ca = loop {
+        match keel_cluster::join::fetch_ca(url, token).await {
+            Ok(ca) => break ca,
+            Err(e @ JoinError::Connect { .. }) => {
+                tracing::warn!("{e}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("create data dir {}", data_dir.display()))?;
+    let path = data_dir.join("kubeconfig");
+    let text = keel_cluster::join::node_kubeconfig(url, &ca, token, node_name);
+    keel_cluster::api::pki::write_secure(&path, text.as_bytes(), 0o600)?;
+    tracing::info!(server = url, kubeconfig = %path.display(), "joined");
+    Ok(path)
 }

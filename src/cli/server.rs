@@ -115,16 +115,29 @@ pub fn run(root: &Path, cfg: &Config, args: ServerArgs) -> anyhow::Result<ExitCo
     let node = if args.no_node {
         None
     } else {
-        let plan = server_node::plan(root, cfg, &args.node, &args.data_dir)?;
-        if !plan.cni.subnets.is_empty() {
-            server_node::install_cni(&plan.cni)?;
-        }
-        Some(plan)
+        Some(server_node::plan(
+            root,
+            cfg,
+            &args.node,
+            &args.data_dir,
+            true,
+        )?)
     };
+    // Other machines join at this node's address when the API listens on every address.
+    let join_ip = node
+        .as_ref()
+        .map(|p| p.node_ip)
+        .filter(|_| args.api_listen.ip().is_unspecified());
     let mut config = ApiConfig::new(args.data_dir.clone(), args.api_listen);
     config.service_cidr = service_cidr;
     config.node_port_range = node_ports;
     config.tls_sans = args.tls_san;
+    // Agents on other machines reach the server at this node's address.
+    if let Some(plan) = &node
+        && !plan.node_ip.is_loopback()
+    {
+        config.tls_sans.push(plan.node_ip.to_string());
+    }
     config.compact_interval = Duration::from_secs(args.compact_interval);
     config.bookmark_interval = Duration::from_secs(args.bookmark_interval);
 
@@ -184,41 +197,31 @@ pub fn run(root: &Path, cfg: &Config, args: ServerArgs) -> anyhow::Result<ExitCo
             }
         };
         // This node: the CRI endpoint here, the agent and the proxy as clients of the server.
-        let (cri_stop, cri_stopped) = tokio::sync::oneshot::channel::<()>();
-        let mut cri = None;
-        let mut agent = None;
-        let mut proxy = None;
+        let mut roles = None;
         if let Some(plan) = node {
-            cri = Some(Box::pin(keel_cri::serve(plan.cri, async {
-                let _ = cri_stopped.await;
-            })));
-            agent = Some(tokio::spawn(server_node::run_agent(
-                plan.agent,
-                server.kubeconfig.clone(),
-                server.node_join_token.clone(),
-            )));
-            if let Some(p) = plan.proxy {
-                proxy = Some(
-                    server_node::start_proxy(p, server.kubeconfig.clone())
-                        .await
-                        .context("start the service proxy (or pass --disable-proxy)")?,
-                );
-            }
             banner.push_str(&format!(
                 "keel server: node {} ({}) joins as this machine; `kubectl get nodes` shows it \
                  Ready once its agent registered\n",
                 plan.node_name, plan.node_ip
             ));
+            roles = Some(
+                server_node::NodeRoles::start(
+                    plan,
+                    server.kubeconfig.clone(),
+                    Some(server.node_join_token.clone()),
+                )
+                .await?,
+            );
         }
-        let cri_done = async {
-            match cri.as_mut() {
-                Some(f) => f.await,
-                None => std::future::pending().await,
-            }
-        };
-        let agent_done = async {
-            match agent.as_mut() {
-                Some(task) => task.await,
+        banner.push_str(&format!(
+            "keel server: join other machines with: keel agent --server {} --token-file {} \
+             --node-ip <their address>\n",
+            join_url(&server.url, join_ip),
+            server.join_token_file.display()
+        ));
+        let roles_done = async {
+            match roles.as_mut() {
+                Some(r) => r.failed().await,
                 None => std::future::pending().await,
             }
         };
@@ -231,24 +234,25 @@ pub fn run(root: &Path, cfg: &Config, args: ServerArgs) -> anyhow::Result<ExitCo
             _ = server.wait() => Err(anyhow::anyhow!("API server stopped")),
             r = scheduler_done => Err(anyhow::anyhow!("scheduler stopped: {r:?}")),
             r = controllers_done => Err(anyhow::anyhow!("controllers stopped: {r:?}")),
-            r = cri_done => Err(anyhow::anyhow!("CRI endpoint stopped: {r:?}")),
-            r = agent_done => Err(anyhow::anyhow!("agent stopped: {r:?}")),
+            e = roles_done => Err(e),
         };
         // Containers, pods and the proxy's programs stay: a restarted server takes them over.
-        if let Some(a) = &agent {
-            a.abort();
-        }
-        let _ = cri_stop.send(());
-        if let Some(f) = cri
-            && let Err(e) = f.await
-        {
-            tracing::warn!("CRI endpoint shutdown: {e}");
-        }
-        if let Some(p) = proxy {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        if let Some(r) = roles {
+            r.shutdown().await;
         }
         outcome.map(|()| ExitCode::SUCCESS)
     })
+}
+
+/// The URL other machines join at: the API's own, with the node's address for loopback.
+fn join_url(url: &str, node_ip: Option<std::net::IpAddr>) -> String {
+    match node_ip {
+        Some(ip) if !ip.is_loopback() => {
+            url.replacen("127.0.0.1", &ip.to_string(), 1)
+                .replacen("[::1]", &format!("[{ip}]"), 1)
+        }
+        _ => url.to_string(),
+    }
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::RangeInclusive<u16>> {

@@ -1,9 +1,9 @@
-//! The node roles `keel server` runs in its own process unless `--no-node`: keel-cni installed
-//! into a keel-owned CNI dir (with the node's range from node IPAM, or a fixed --pod-cidr), the
-//! CRI endpoint, the agent (authenticated as this node with the join token) and the eBPF
-//! service proxy, so that one command gives a single-node cluster.
-//! Parses the node flags into the libraries' configs; the work is in keel-cri, keel-agent,
-//! keel-cni and keel-proxy.
+//! The node roles a machine runs as a node of a keel cluster, in one process: keel-cni
+//! installed into a keel-owned CNI dir (with the node's range from node IPAM, or a fixed
+//! --pod-cidr), the CRI endpoint, the agent (authenticated as this node) and the eBPF service
+//! proxy. `keel server` runs them beside the control plane (unless --no-node), `keel agent` on
+//! the other machines; both parse the same [`NodeArgs`] into a [`NodePlan`] and run it with
+//! [`NodeRoles`]. The work is in keel-cri, keel-agent, keel-cni and keel-proxy.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use crate::cli::cni::ipnet_arg;
 use crate::cli::image::RegistryFlags;
 use crate::config::Config;
 
-/// `keel server` flags for this machine's node roles (ignored with --no-node).
+/// The flags of this machine's node roles (`keel server` ignores them with --no-node).
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
     /// This node's name. Default: the host name, lowercased.
@@ -63,12 +63,21 @@ pub struct NodeArgs {
     /// that every process on the host reaches ClusterIPs.
     #[arg(long, value_name = "PATH")]
     pub proxy_cgroup: Option<PathBuf>,
+    /// Interfaces whose traffic gets the proxy's NodePort programs (tc: DNAT on ingress,
+    /// reverse NAT on egress); repeatable. Default: the interface holding --node-ip (none when
+    /// it is loopback).
+    #[arg(long = "proxy-tc-iface", value_name = "IFACE")]
+    pub proxy_tc_interfaces: Vec<String>,
     /// Where the proxy pins its programs and maps.
     #[arg(long, value_name = "DIR", default_value = keel_proxy::DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
     /// The proxy's /healthz listener.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
     pub proxy_healthz_address: SocketAddr,
+    /// The agent's Lease and Ready heartbeat, in seconds (keep it well under the server's
+    /// --node-grace-period).
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    pub heartbeat_interval: u64,
     #[command(flatten)]
     pub registry: RegistryFlags,
 }
@@ -114,18 +123,22 @@ pub fn pod_network(
 pub struct NodePlan {
     pub node_name: String,
     pub node_ip: IpAddr,
-    pub cri: keel_cri::ServerConfig,
-    pub cni: keel_cni::install::InstallSpec,
+    /// The CRI endpoint and keel-cni run here (None: the agent drives an external endpoint,
+    /// whose CNI is its own business).
+    pub cri: Option<keel_cri::ServerConfig>,
+    pub cni: Option<keel_cni::install::InstallSpec>,
     pub agent: keel_agent::AgentConfig,
     pub proxy: Option<keel_proxy::ProxyConfig>,
 }
 
-/// Checks the flags and derives every role's configuration.
+/// Checks the flags and derives every role's configuration; with `embedded`, the CRI endpoint
+/// and keel-cni run in this process.
 pub fn plan(
     root: &Path,
     config: &Config,
     args: &NodeArgs,
     data_dir: &Path,
+    embedded: bool,
 ) -> anyhow::Result<NodePlan> {
     let node_name = match &args.node_name {
         Some(n) => n.clone(),
@@ -141,47 +154,59 @@ pub fn plan(
         ],
         None => Vec::new(),
     };
-    let cni_dir = args.cni_dir.clone().unwrap_or_else(|| data_dir.join("cni"));
-    let plugin = std::env::current_exe()
-        .context("locate the keel binary")?
-        .with_file_name("keel-cni");
-    if !plugin.is_file() {
-        bail!(
-            "{} is missing: this node's pods need the keel-cni plugin next to keel \
-             (cargo build --release -p keel-cni), or run the control plane alone with --no-node",
-            plugin.display()
-        );
-    }
-    let cni = keel_cni::install::InstallSpec {
-        binary: plugin,
-        bin_dir: cni_dir.join("bin"),
-        conf_dir: cni_dir.join("net.d"),
-        network: "keel".into(),
-        bridge: args.bridge.clone(),
-        subnets,
-        mtu: None,
-        ip_masq: true,
-        portmap: Path::new(PORTMAP).is_file(),
-        conflist_name: "10-keel.conflist".into(),
-        ipam_data_dir: Some(cni_dir.join("ipam")),
-    };
-    let cri = keel_cri::ServerConfig {
-        root: root.to_owned(),
-        socket: args.cri_socket.clone(),
-        registry: args.registry.apply(&config.registry)?,
-        cni_conf_dir: cni.conf_dir.clone(),
-        cni_bin_dir: cni.bin_dir.clone(),
-        metrics_address: None,
-        run_dir: args.run_dir.clone(),
-        cgroup_parent: args.cgroup_parent.clone(),
-        stream_address: keel_cri::streaming::DEFAULT_ADDRESS
-            .parse()
-            .expect("the default stream address parses"),
-    };
     let mut agent = keel_agent::AgentConfig::new(node_name.clone(), args.cri_socket.clone());
-    if cni.subnets.is_empty() {
-        agent.pod_network = Some(pod_network(cni.clone(), true));
+    let (cri, cni) = if embedded {
+        let cni_dir = args.cni_dir.clone().unwrap_or_else(|| data_dir.join("cni"));
+        let plugin = std::env::current_exe()
+            .context("locate the keel binary")?
+            .with_file_name("keel-cni");
+        if !plugin.is_file() {
+            bail!(
+                "{} is missing: this node's pods need the keel-cni plugin next to keel \
+                 (cargo build --release -p keel-cni)",
+                plugin.display()
+            );
+        }
+        let cni = keel_cni::install::InstallSpec {
+            binary: plugin,
+            bin_dir: cni_dir.join("bin"),
+            conf_dir: cni_dir.join("net.d"),
+            network: "keel".into(),
+            bridge: args.bridge.clone(),
+            subnets,
+            mtu: None,
+            ip_masq: true,
+            portmap: Path::new(PORTMAP).is_file(),
+            conflist_name: "10-keel.conflist".into(),
+            ipam_data_dir: Some(cni_dir.join("ipam")),
+        };
+        let cri = keel_cri::ServerConfig {
+            root: root.to_owned(),
+            socket: args.cri_socket.clone(),
+            registry: args.registry.apply(&config.registry)?,
+            cni_conf_dir: cni.conf_dir.clone(),
+            cni_bin_dir: cni.bin_dir.clone(),
+            metrics_address: None,
+            run_dir: args.run_dir.clone(),
+            cgroup_parent: args.cgroup_parent.clone(),
+            stream_address: keel_cri::streaming::DEFAULT_ADDRESS
+                .parse()
+                .expect("the default stream address parses"),
+        };
+        if cni.subnets.is_empty() {
+            agent.pod_network = Some(pod_network(cni.clone(), true));
+        }
+        (Some(cri), Some(cni))
+    } else {
+        if args.pod_cidr.is_some() {
+            bail!("--pod-cidr configures keel-cni, which an external CRI endpoint does not use");
+        }
+        (None, None)
+    };
+    if args.heartbeat_interval == 0 {
+        bail!("--heartbeat-interval must be at least 1");
     }
+    agent.heartbeat_interval = Duration::from_secs(args.heartbeat_interval);
     agent.node_ip = Some(node_ip);
     agent.pod_log_dir = args.pod_log_dir.clone();
     agent.pod_dir = root.join("agent/pods");
@@ -199,6 +224,13 @@ pub fn plan(
                  --proxy-cgroup, or --disable-proxy",
             )?,
         };
+        let tc_interfaces = if !args.proxy_tc_interfaces.is_empty() {
+            args.proxy_tc_interfaces.clone()
+        } else if node_ip.is_loopback() {
+            Vec::new()
+        } else {
+            vec![link_holding(node_ip)?]
+        };
         Some(keel_proxy::ProxyConfig {
             manifests: PathBuf::new(),
             cgroup,
@@ -210,7 +242,7 @@ pub fn plan(
                 node_name: Some(node_name.clone()),
                 node_ips: vec![node_ip],
             },
-            tc_interfaces: Vec::new(),
+            tc_interfaces,
             tc_netns: None,
         })
     };
@@ -224,8 +256,113 @@ pub fn plan(
     })
 }
 
+/// The name of the interface that holds `ip` (the node's external interface).
+fn link_holding(ip: IpAddr) -> anyhow::Result<String> {
+    let mut nl = keel_cni::netlink::Netlink::open().context("netlink")?;
+    let index = nl
+        .link_towards(ip)
+        .context("list addresses")?
+        .with_context(|| {
+            format!(
+                "no interface has --node-ip {ip}: add the address, or name the NodePort \
+                 interface with --proxy-tc-iface"
+            )
+        })?;
+    nl.links()
+        .context("list links")?
+        .into_iter()
+        .find(|l| l.index == index)
+        .map(|l| l.name)
+        .with_context(|| format!("the interface of {ip} went away"))
+}
+
+/// The CRI endpoint serving until told to stop.
+type CriServe = std::pin::Pin<Box<dyn Future<Output = Result<(), keel_cri::ServerError>> + Send>>;
+
+/// The node roles running in this process: the CRI endpoint (when embedded), the agent, the
+/// proxy. Containers, pods and the proxy's programs outlive it: a restarted process takes them
+/// over.
+pub struct NodeRoles {
+    cri: Option<CriServe>,
+    cri_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    agent: tokio::task::JoinHandle<anyhow::Result<()>>,
+    proxy: Option<keel_proxy::Proxy>,
+}
+
+impl NodeRoles {
+    /// Starts every role of `plan` against the API server of `kubeconfig`; with `join_token`
+    /// the agent authenticates as its node with the credential minted from it.
+    pub async fn start(
+        plan: NodePlan,
+        kubeconfig: PathBuf,
+        join_token: Option<String>,
+    ) -> anyhow::Result<NodeRoles> {
+        if let Some(cni) = &plan.cni
+            && !cni.subnets.is_empty()
+        {
+            install_cni(cni)?;
+        }
+        let (cri_stop, cri_stopped) = tokio::sync::oneshot::channel::<()>();
+        let cri = plan.cri.map(|c| {
+            let f: CriServe = Box::pin(keel_cri::serve(c, async {
+                let _ = cri_stopped.await;
+            }));
+            f
+        });
+        let agent = tokio::spawn(run_agent(plan.agent, kubeconfig.clone(), join_token));
+        let proxy = match plan.proxy {
+            Some(p) => Some(
+                start_proxy(p, kubeconfig)
+                    .await
+                    .context("start the service proxy (or pass --disable-proxy)")?,
+            ),
+            None => None,
+        };
+        Ok(NodeRoles {
+            cri,
+            cri_stop: Some(cri_stop),
+            agent,
+            proxy,
+        })
+    }
+
+    /// Returns when a role stops (they do not on their own), with what stopped it.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        let cri = async {
+            match self.cri.as_mut() {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = cri => anyhow::anyhow!("CRI endpoint stopped: {r:?}"),
+            r = &mut self.agent => match r {
+                Ok(Err(e)) => e.context("agent stopped"),
+                r => anyhow::anyhow!("agent stopped: {r:?}"),
+            },
+        }
+    }
+
+    /// Stops the agent and the CRI endpoint (removing its socket) and releases the proxy;
+    /// containers, pods and the proxy's programs stay.
+    pub async fn shutdown(mut self) {
+        self.agent.abort();
+        if let Some(stop) = self.cri_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(f) = self.cri.take()
+            && let Err(e) = f.await
+        {
+            tracing::warn!("CRI endpoint shutdown: {e}");
+        }
+        if let Some(p) = self.proxy.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
+    }
+}
+
 /// Waits until the CRI socket accepts connections (the endpoint started beside us).
-pub async fn wait_for_cri(socket: &Path) -> anyhow::Result<()> {
+async fn wait_for_cri(socket: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if keel_cri::client::connect(socket).await.is_ok() {
@@ -238,21 +375,21 @@ pub async fn wait_for_cri(socket: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The agent of this node, as the node (credential minted from the join token).
-pub async fn run_agent(
+/// The agent of this node (as the node when given the join secret).
+async fn run_agent(
     agent: keel_agent::AgentConfig,
     kubeconfig: PathBuf,
-    join_token: String,
+    join_token: Option<String>,
 ) -> anyhow::Result<()> {
     wait_for_cri(&agent.cri_socket).await?;
-    let agent = keel_agent::Agent::from_kubeconfig(agent, &kubeconfig, Some(&join_token))
+    let agent = keel_agent::Agent::from_kubeconfig(agent, &kubeconfig, join_token.as_deref())
         .await
         .context("agent")?;
     agent.run().await.context("agent")
 }
 
 /// Starts the proxy against the API server (on a blocking thread: it runs its own runtime).
-pub async fn start_proxy(
+async fn start_proxy(
     cfg: keel_proxy::ProxyConfig,
     kubeconfig: PathBuf,
 ) -> anyhow::Result<keel_proxy::Proxy> {
