@@ -12,7 +12,9 @@
 //!   The ratio says what the control plane adds.
 //! - **Idle RSS** of the server process (control plane and node roles together; VmRSS), after
 //!   the node is Ready and again after the rounds once the node is idle, beside the target
-//!   (≤ 100 MiB for the server).
+//!   (≤ 100 MiB for the server); then of a `keel agent --server URL --token-file F` joined as a
+//!   second node in the same namespace (its own CRI endpoint, keel-cni with a fixed
+//!   `--pod-cidr`, proxy), idle once Ready.
 //!
 //! Everything is removed afterwards, also on error: the Deployment, the anchor's pods, the
 //! server (SIGTERM), then leftovers with `keel pod rm -f`, the cgroups, pins, the namespace.
@@ -64,6 +66,8 @@ pub fn run() -> anyhow::Result<()> {
 struct Server {
     keel: PathBuf,
     child: Option<Child>,
+    /// The joined `keel agent`, while its RSS is measured.
+    agent: std::sync::Mutex<Option<Child>>,
     kubeconfig: PathBuf,
     bpffs: PathBuf,
     cgroup: Option<CgroupGuard>,
@@ -76,6 +80,7 @@ impl Server {
         Ok(Server {
             keel: keel.to_owned(),
             child: None,
+            agent: std::sync::Mutex::new(None),
             kubeconfig: PathBuf::new(),
             bpffs: PathBuf::from(format!(
                 "/sys/fs/bpf/keel-bench-cluster-{}",
@@ -189,6 +194,65 @@ impl Server {
         }
     }
 
+    fn agent_bpffs(&self) -> PathBuf {
+        // bpffs refuses names with a dot.
+        PathBuf::from(format!("{}-agent", self.bpffs.display()))
+    }
+
+    /// Starts `keel agent` joined to the server as node `keel-bench-agent`; returns its pid.
+    fn start_agent(&self) -> anyhow::Result<u32> {
+        let root = self.root().join("agent-node");
+        std::fs::create_dir_all(&root)?;
+        let v2 = self
+            .cgroup
+            .as_ref()
+            .and_then(CgroupGuard::v2_path)
+            .context("no cgroup v2 hierarchy")?
+            .to_owned();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns().display()))
+            .arg("--")
+            .arg(&self.keel)
+            .arg("--root")
+            .arg(&root)
+            .args([
+                "--log",
+                "info",
+                "agent",
+                "--server",
+                "https://127.0.0.1:6443",
+            ])
+            .arg("--token-file")
+            .arg(self.root().join("server/node-token"))
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .args(["--node-name", "keel-bench-agent"])
+            .arg("--cri-socket")
+            .arg(root.join("keel.sock"))
+            .args(["--pod-cidr", "10.213.0.0/24", "--bridge", "kbench3"])
+            .arg("--run-dir")
+            .arg(root.join("run"))
+            .arg("--pod-log-dir")
+            .arg(root.join("pod-logs"))
+            .arg("--cgroup-parent")
+            .arg(self.cgroup_name())
+            .args(["--agent-listen", "127.0.0.1:0"])
+            .arg("--proxy-cgroup")
+            .arg(&v2)
+            .arg("--bpffs-dir")
+            .arg(self.agent_bpffs())
+            .args(["--proxy-healthz-address", "127.0.0.1:0"])
+            .env_remove("KEEL_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.root().join("agent.log"))?)
+            .spawn()
+            .context("start keel agent")?;
+        let pid = child.id();
+        *self.agent.lock().expect("agent lock") = Some(child);
+        Ok(pid)
+    }
+
     fn server_pid(&self) -> anyhow::Result<u32> {
         // nsenter with only --net execs keel in place: the child is the server.
         self.child
@@ -252,7 +316,7 @@ impl Server {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         let client = kube::Client::try_from(config)?;
-        wait_node_ready(&client).await?;
+        wait_node_ready(&client, "keel-bench").await?;
         // Settle: the proxy's first sync, the agent's first passes, allocator warm-up.
         tokio::time::sleep(Duration::from_secs(10)).await;
         let pid = self.server_pid()?;
@@ -307,6 +371,18 @@ impl Server {
         // Idle again: the agent's pass over an empty node, freed arenas.
         tokio::time::sleep(Duration::from_secs(10)).await;
         let rss_after = vm_rss_mib(pid);
+        let agent_pid = self.start_agent()?;
+        wait_node_ready(&client, "keel-bench-agent")
+            .await
+            .with_context(|| {
+                format!(
+                    "--- keel agent log (tail) ---\n{}",
+                    cri::log_tail(&self.root().join("agent.log"), 30)
+                )
+            })?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let rss_agent = vm_rss_mib(agent_pid);
+        stop_child(self.agent.lock().expect("agent lock").take());
 
         let (c, a, k) = (
             cri::pct(&mut cluster, 50),
@@ -341,6 +417,9 @@ impl Server {
                 }
             );
         }
+        println!(
+            "| joined `keel agent` idle RSS (CRI endpoint, CNI, agent, proxy) | {rss_agent:.1} MiB | | | |"
+        );
         Ok(())
     }
 
@@ -418,20 +497,26 @@ impl Server {
     }
 
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = keel_testkit::run("kill", &["-TERM", &child.id().to_string()]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        stop_child(self.agent.lock().ok().and_then(|mut a| a.take()));
+        stop_child(self.child.take());
     }
+}
+
+/// SIGTERM, then SIGKILL after 20 s.
+fn stop_child(child: Option<Child>) {
+    let Some(mut child) = child else {
+        return;
+    };
+    let _ = keel_testkit::run("kill", &["-TERM", &child.id().to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Server {
@@ -451,11 +536,13 @@ impl Drop for Server {
         self.stop();
         // Pods and containers a failed run left: removed without the server.
         cri::remove_leftovers(&self.keel, self.root(), &self.run_dir());
-        let _ = Command::new(&self.keel)
-            .args(["proxy", "uninstall", "--bpffs-dir"])
-            .arg(&self.bpffs)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.bpffs);
+        for pins in [self.bpffs.clone(), self.agent_bpffs()] {
+            let _ = Command::new(&self.keel)
+                .args(["proxy", "uninstall", "--bpffs-dir"])
+                .arg(&pins)
+                .output();
+            let _ = std::fs::remove_dir_all(&pins);
+        }
         let parent = self.cgroup_name();
         drop(self.cgroup.take());
         for root in cri::cgroup_roots() {
@@ -501,11 +588,11 @@ fn is_ready(p: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-async fn wait_node_ready(client: &kube::Client) -> anyhow::Result<()> {
+async fn wait_node_ready(client: &kube::Client, name: &str) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(n) = nodes.get("keel-bench").await
+        if let Ok(n) = nodes.get(name).await
             && n.status
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
@@ -515,7 +602,7 @@ async fn wait_node_ready(client: &kube::Client) -> anyhow::Result<()> {
         }
         ensure!(
             Instant::now() < deadline,
-            "the node did not turn Ready in 60 s"
+            "node {name} did not turn Ready in 60 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
