@@ -6,7 +6,9 @@
  * A packet from a backend that matches a reverse-NAT entry gets its source rewritten back to the
  * service address. A packet to a service frontend is DNATed to a backend: an existing conntrack
  * entry wins, else ClientIP affinity, else the service's Maglev table (stable when backends
- * change). A service without backends drops the packet and counts it as refused.
+ * change). A service without backends rejects the packet as a closed port would, and counts it
+ * as refused: a TCP segment is answered by a RST, a UDP datagram by ICMP port unreachable, both
+ * sent back out of the interface the packet came in on (lib/reject.h); a RST is only dropped.
  * IPv4, TCP and UDP, no IP options (anything else passes untouched).
  *
  * Unless the service keeps the client's address (externalTrafficPolicy=Local), the first packet
@@ -26,6 +28,7 @@
 #include "lib/maps.h"
 #include "lib/conntrack.h"
 #include "lib/lb.h"
+#include "lib/reject.h"
 
 /* Affinity clients of the tc path are addresses; bit 63 keeps them apart from netns cookies. */
 #define KEEL_TC_CLIENT_TAG (1ULL << 63)
@@ -149,7 +152,7 @@ int keel_tc_nodeport(struct __sk_buff *skb)
 		n = svc->ready ? svc->ready : svc->terminating;
 		if (n == 0) {
 			lb_count(svc->svc_id, LB_STAT_REFUSED);
-			return TC_ACT_SHOT;
+			return reject(skb, is_udp);
 		}
 		if (svc->affinity_timeout || svc->ready == 0) {
 			/* Affinity (client = source address) and the terminating fallback share the
@@ -166,7 +169,7 @@ int keel_tc_nodeport(struct __sk_buff *skb)
 		}
 		if (!be || be->family != KEEL_AF_INET) {
 			lb_count(svc->svc_id, LB_STAT_REFUSED);
-			return TC_ACT_SHOT;
+			return reject(skb, is_udp);
 		}
 		lb_count(svc->svc_id, LB_STAT_CONNECT);
 		__builtin_memcpy(&new_addr, be->addr, 4);

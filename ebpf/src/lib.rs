@@ -13,8 +13,8 @@ pub use layout::*;
 /// built from c/sock.c.
 pub static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
 
-/// The tc NodePort program (`keel_tc_nodeport`, DNAT + conntrack + reverse NAT + Maglev), built
-/// from c/tc_nodeport.c.
+/// The tc NodePort program (`keel_tc_nodeport`, DNAT + conntrack + reverse NAT + Maglev; TCP RST
+/// / ICMP port unreachable for a frontend without backends), built from c/tc_nodeport.c.
 pub static TC_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc_nodeport.o"));
 

@@ -1,17 +1,21 @@
-//! Privileged end-to-end test of the tc NodePort path: a client in an "external" namespace
+//! Privileged end-to-end tests of the tc NodePort path: a client in an "external" namespace
 //! connects to a NodePort on the "node" namespace's address; the tc program on the node's
 //! external interface DNATs to a backend in a third namespace, and the same program on the
 //! backend-facing interface reverse-NATs the replies. The backend sees the client's own address
-//! (source preservation, externalTrafficPolicy=Local). Addresses 10.88.0.0/24 and 10.89.0.0/24
-//! exist only inside the test's namespaces.
+//! (source preservation, externalTrafficPolicy=Local). A NodePort without endpoints rejects:
+//! the client's connect() is refused by a TCP RST and its UDP socket gets ECONNREFUSED from an
+//! ICMP port unreachable, at once, with and without checksum offload. Addresses 10.88.0.0/24 and
+//! 10.89.0.0/24 exist only inside the test's namespaces.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use keel_ebpf::{IPPROTO_TCP, IPPROTO_UDP, SvcKey, SvcStats, SvcVal, map_names};
 use keel_proxy::{Proxy, ProxyConfig};
 use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, VethPair};
 
@@ -128,5 +132,197 @@ fn nodeport_from_an_external_namespace_reaches_a_backend_keeping_the_client_addr
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// ethtool commands (linux/ethtool.h) of the legacy checksum offload switches.
+const ETHTOOL_SRXCSUM: u32 = 0x15;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// A checksum offload to switch off: (namespace, device, ethtool command).
+type OffloadOff<'a> = (&'a NetnsGuard, &'static str, u32);
+
+/// Switches one checksum offload (`cmd`) of `dev` in the calling thread's namespace, as
+/// `ethtool -K dev rx|tx on|off` does (ethtool itself is not installed on these machines).
+fn set_csum_offload(dev: &str, cmd: u32, on: bool) -> Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut val = EthtoolValue {
+        cmd,
+        data: u32::from(on),
+    };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&mut val as *mut EthtoolValue).cast();
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both live for
+    // the call; the socket fd is open.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
+    if rc != 0 {
+        bail!(
+            "SIOCETHTOOL {cmd:#x} on {dev}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn nodeport_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
+    if !keel_testkit::privileged("nodeport_without_endpoints_refuses_tcp_and_udp_at_once") {
+        return Ok(());
+    }
+    let root = StateRoot::new()?;
+    let pins = root.subdir("bpffs")?;
+    keel_testkit::run("mount", &["-t", "bpf", "bpf", pins.to_str().unwrap()])?;
+    let cgroup = CgroupGuard::new()?;
+    let ext = NetnsGuard::new()?;
+    let node = NetnsGuard::new()?;
+    let _v = VethPair::between(&ext, "e0", &node, "n0")?;
+    ext.exec("ip", &["addr", "add", "10.88.0.1/24", "dev", "e0"])?;
+    ext.exec("ip", &["link", "set", "e0", "up"])?;
+    node.exec("ip", &["addr", "add", "10.88.0.2/24", "dev", "n0"])?;
+    node.exec("ip", &["link", "set", "n0", "up"])?;
+
+    // The node itself listens on both NodePorts: without the tc program the connect would be
+    // accepted and the datagram received, so a refusal can only be the program's answer.
+    let tcp_listener = in_netns(&node.path(), || TcpListener::bind("0.0.0.0:30080"))??;
+    let udp_listener = in_netns(&node.path(), || UdpSocket::bind("0.0.0.0:30081"))??;
+
+    let manifests = root.path().join("svc.yaml");
+    std::fs::write(
+        &manifests,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: test}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.11\n  ports:\n  - {name: http, port: 80, protocol: TCP, nodePort: 30080}\n  - {name: dns, port: 53, protocol: UDP, nodePort: 30081}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: empty-1, namespace: test, labels: {kubernetes.io/service-name: empty}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\nendpoints: []\n",
+    )?;
+    let cfg = ProxyConfig {
+        manifests,
+        cgroup: cgroup.v2_path().context("cgroup v2")?.to_owned(),
+        bpffs_dir: pins.join("keel"),
+        healthz_addr: "127.0.0.1:0".parse()?,
+        metrics_addr: None,
+        poll_interval: Duration::from_millis(50),
+        node: keel_proxy::model::NodeContext {
+            node_name: None,
+            node_ips: vec!["10.88.0.2".parse()?],
+        },
+        tc_interfaces: vec!["n0".into()],
+        tc_netns: Some(node.path()),
+    };
+    let proxy = Proxy::start(cfg.clone())?;
+
+    let connect = || -> Result<std::io::Error> {
+        in_netns(&ext.path(), || {
+            match TcpStream::connect_timeout(&"10.88.0.2:30080".parse()?, Duration::from_secs(3)) {
+                Ok(s) => bail!("connected to {:?}", s.peer_addr()),
+                Err(e) => Ok(e),
+            }
+        })?
+    };
+    let send_recv = || -> Result<std::io::Error> {
+        in_netns(&ext.path(), || {
+            let s = UdpSocket::bind("10.88.0.1:0")?;
+            s.connect("10.88.0.2:30081")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send(b"ping")?;
+            let mut buf = [0u8; 64];
+            match s.recv(&mut buf) {
+                Ok(n) => bail!("received {n} bytes"),
+                Err(e) => Ok(e),
+            }
+        })?
+    };
+    // 1. Offload on both sides: the client's packets arrive CHECKSUM_PARTIAL, and the answers
+    //    reach the client still partial (trusted, not verified there).
+    // 2. n0 completes checksums in software and e0 verifies them: the program's handling of a
+    //    CHECKSUM_PARTIAL skb is checked by the client's stack.
+    // 3. e0 sends full checksums too: the program computes full checksums, verified by e0.
+    let rounds: [(&str, Vec<OffloadOff>); 3] = [
+        ("offload on", vec![]),
+        (
+            "n0 tx-checksum off, e0 rx-checksum off",
+            vec![
+                (&node, "n0", ETHTOOL_STXCSUM),
+                (&ext, "e0", ETHTOOL_SRXCSUM),
+            ],
+        ),
+        (
+            "e0 tx-checksum off too",
+            vec![(&ext, "e0", ETHTOOL_STXCSUM)],
+        ),
+    ];
+    for (round, offloads_off) in rounds {
+        for (ns, dev, cmd) in offloads_off {
+            in_netns(&ns.path(), move || set_csum_offload(dev, cmd, false))??;
+        }
+        let start = Instant::now();
+        let err = connect()?;
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "{round}: TCP: {err}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{round}: TCP refused after {:?}",
+            start.elapsed()
+        );
+        let start = Instant::now();
+        let err = send_recv()?;
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "{round}: UDP: {err}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{round}: UDP refused after {:?}",
+            start.elapsed()
+        );
+    }
+
+    // Nothing reached the node's own sockets, and the program counted each refusal once.
+    tcp_listener.set_nonblocking(true)?;
+    let accepted = tcp_listener.accept().map(|(_, peer)| peer);
+    assert_eq!(
+        accepted.map_err(|e| e.kind()),
+        Err(ErrorKind::WouldBlock),
+        "the node's listener got a connection"
+    );
+    udp_listener.set_nonblocking(true)?;
+    let got = udp_listener.recv(&mut [0u8; 64]);
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(ErrorKind::WouldBlock),
+        "the node's socket got a datagram"
+    );
+    let pinned = |name: &str| -> Result<Map> {
+        Ok(Map::from_map_data(MapData::from_pin(
+            cfg.bpffs_dir.join(name),
+        )?)?)
+    };
+    let services: HashMap<MapData, SvcKey, SvcVal> =
+        HashMap::try_from(pinned(map_names::SERVICES)?)?;
+    let stats: PerCpuArray<MapData, SvcStats> = PerCpuArray::try_from(pinned(map_names::STATS)?)?;
+    for (port, proto) in [(30080, IPPROTO_TCP), (30081, IPPROTO_UDP)] {
+        let svc = services.get(&SvcKey::new("10.88.0.2".parse()?, port, proto), 0)?;
+        let refused: u64 = stats.get(&svc.svc_id, 0)?.iter().map(|s| s.refused).sum();
+        assert_eq!(refused, 3, "NodePort {port}/{proto}: one refusal per round");
+    }
+    drop((services, stats));
+
+    proxy.stop();
+    // The loader's uninstall, not the proxy's: that one also looks for the masquerade rule in
+    // the test's own namespace, and this test touches nothing outside the ones it made.
+    keel_proxy::loader::uninstall(&cfg.bpffs_dir)?;
     Ok(())
 }

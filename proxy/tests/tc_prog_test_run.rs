@@ -1,7 +1,8 @@
 //! The tc NodePort program run on crafted packets through BPF_PROG_TEST_RUN (no interface, no
-//! traffic): DNAT with valid checksums, conntrack hit, reverse NAT of the reply, no-backend drop,
-//! ClientIP affinity, Maglev stability when one of ten backends goes. Maps are pinned in a bpffs
-//! mounted under the test's state root.
+//! traffic): DNAT with valid checksums, conntrack hit, reverse NAT of the reply, no-backend
+//! reject (the packet turned into a TCP RST / ICMP port unreachable back to the client, with
+//! valid checksums; a RST only dropped), ClientIP affinity, Maglev stability when one of ten
+//! backends goes. Maps are pinned in a bpffs mounted under the test's state root.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
@@ -19,8 +20,16 @@ use keel_testkit::StateRoot;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
 
 struct Harness {
     ebpf: Ebpf,
@@ -179,11 +188,36 @@ fn pseudo(pkt: &[u8]) -> u32 {
     s + u32::from(ip[9]) + l4len as u32
 }
 
+/// The TCP header fields a test sets: flags, sequence and acknowledgment numbers.
+#[derive(Clone, Copy)]
+struct Tcp {
+    flags: u8,
+    seq: u32,
+    ack: u32,
+}
+
 /// Ethernet + IPv4 + TCP (SYN) or UDP with valid checksums and a small payload.
 fn packet(proto: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    let payload = b"hello";
+    let syn = Tcp {
+        flags: SYN,
+        seq: 0,
+        ack: 0,
+    };
+    l4_packet(proto, (src, sport), (dst, dport), syn, b"hello")
+}
+
+/// Ethernet (client -> node) + IPv4 + TCP (`tcp`'s fields) or UDP, valid checksums.
+fn l4_packet(
+    proto: u8,
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    tcp: Tcp,
+    payload: &[u8],
+) -> Vec<u8> {
     let l4len = if proto == IPPROTO_TCP { 20 } else { 8 } + payload.len();
     let mut p = vec![0u8; 14 + 20 + l4len];
+    p[0..6].copy_from_slice(&NODE_MAC);
+    p[6..12].copy_from_slice(&CLIENT_MAC);
     p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let ip = &mut p[14..34];
     ip[0] = 0x45;
@@ -197,8 +231,11 @@ fn packet(proto: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Ve
     p[34..36].copy_from_slice(&sport.to_be_bytes());
     p[36..38].copy_from_slice(&dport.to_be_bytes());
     if proto == IPPROTO_TCP {
+        p[38..42].copy_from_slice(&tcp.seq.to_be_bytes());
+        p[42..46].copy_from_slice(&tcp.ack.to_be_bytes());
         p[46] = 5 << 4;
-        p[47] = 0x02;
+        p[47] = tcp.flags;
+        p[48..50].copy_from_slice(&64240u16.to_be_bytes());
         p[54..].copy_from_slice(payload);
     } else {
         p[38..40].copy_from_slice(&(l4len as u16).to_be_bytes());
@@ -283,18 +320,146 @@ fn udp_dnat_keeps_checksums_valid() -> Result<()> {
     Ok(())
 }
 
+/// Checks the frame is a bare RST from the VIP:80 back to the client (MACs swapped, no
+/// options, no payload, valid checksums); returns (flags, seq, ack).
+fn rst_fields(out: &[u8]) -> (u8, u32, u32) {
+    assert_eq!(
+        out.len(),
+        54,
+        "Ethernet + IPv4 + TCP without options or payload"
+    );
+    assert_eq!(
+        (&out[0..6], &out[6..12]),
+        (&CLIENT_MAC[..], &NODE_MAC[..]),
+        "MACs swapped"
+    );
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(out[14], 0x45, "IPv4, no options");
+    assert_eq!(
+        u16::from_be_bytes([out[16], out[17]]),
+        40,
+        "IPv4 total length"
+    );
+    assert_eq!((out[22], out[23]), (64, IPPROTO_TCP), "TTL, protocol");
+    assert_eq!(
+        addrs(out),
+        ((VIP, 80), (CLIENT, 40000)),
+        "addresses and ports swapped"
+    );
+    assert_eq!(out[46] >> 4, 5, "TCP data offset");
+    assert_checksums(out);
+    let word = |o: usize| u32::from_be_bytes([out[o], out[o + 1], out[o + 2], out[o + 3]]);
+    (out[47], word(38), word(42))
+}
+
 #[test]
-fn service_without_backend_drops_and_counts() -> Result<()> {
-    privileged!("service_without_backend_drops_and_counts");
+fn tcp_to_a_service_without_backend_is_answered_by_a_rst() -> Result<()> {
+    privileged!("tcp_to_a_service_without_backend_is_answered_by_a_rst");
     let mut h = Harness::new()?;
     h.service(3, 80, IPPROTO_TCP, &[], 0);
-    let (verdict, _) = h.run(&packet(IPPROTO_TCP, CLIENT, 40000, VIP, 80))?;
-    assert_eq!(verdict, TC_ACT_SHOT);
+    let seg = |flags, seq, ack, payload: &[u8]| {
+        let tcp = Tcp { flags, seq, ack };
+        l4_packet(IPPROTO_TCP, (CLIENT, 40000), (VIP, 80), tcp, payload)
+    };
+
+    // A SYN (carrying data, as with TCP Fast Open): RST+ACK, seq 0, ack = seq + SYN + data.
+    let (verdict, out) = h.run(&seg(SYN, 0x1234_5678, 0, b"hello"))?;
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
+    assert_eq!(rst_fields(&out), (RST | ACK, 0, 0x1234_5678 + 1 + 5));
     assert_eq!(h.refused(3), 1);
+
+    // The sequence number wraps; a plain SYN acks just the SYN.
+    let (verdict, out) = h.run(&seg(SYN, u32::MAX, 0, b""))?;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(rst_fields(&out), (RST | ACK, 0, 0));
+
+    // A segment with an ACK (a flow the service lost its backends under): RST with seq = its
+    // ack and no ACK, as tcp_v4_send_reset answers.
+    let (verdict, out) = h.run(&seg(ACK | PSH, 1000, 0xdead_beef, b"hello"))?;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(rst_fields(&out), (RST, 0xdead_beef, 0));
+
+    // A FIN without ACK counts for one, like the SYN.
+    let (verdict, out) = h.run(&seg(FIN, 7, 0, b"hello"))?;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(rst_fields(&out), (RST | ACK, 0, 7 + 5 + 1));
+    assert_eq!(h.refused(3), 4);
+
     // Traffic to anything that is not a service passes untouched.
     let other = packet(IPPROTO_TCP, CLIENT, 40000, Ipv4Addr::new(192, 0, 2, 99), 80);
     let (verdict, out) = h.run(&other)?;
     assert_eq!((verdict, out), (TC_ACT_OK, other));
+    Ok(())
+}
+
+#[test]
+fn rst_to_a_service_without_backend_is_dropped_not_answered() -> Result<()> {
+    privileged!("rst_to_a_service_without_backend_is_dropped_not_answered");
+    let mut h = Harness::new()?;
+    h.service(8, 80, IPPROTO_TCP, &[], 0);
+    for flags in [RST, RST | ACK] {
+        let tcp = Tcp {
+            flags,
+            seq: 1,
+            ack: 2,
+        };
+        let rst = l4_packet(IPPROTO_TCP, (CLIENT, 40000), (VIP, 80), tcp, b"");
+        let (verdict, _) = h.run(&rst)?;
+        assert_eq!(
+            verdict, TC_ACT_SHOT,
+            "flags {flags:#x}: dropped, never a RST for a RST"
+        );
+    }
+    assert_eq!(h.refused(8), 2, "still counted as refused");
+    Ok(())
+}
+
+#[test]
+fn udp_to_a_service_without_backend_is_answered_by_icmp_port_unreachable() -> Result<()> {
+    privileged!("udp_to_a_service_without_backend_is_answered_by_icmp_port_unreachable");
+    let mut h = Harness::new()?;
+    h.service(7, 53, IPPROTO_UDP, &[], 0);
+    let dgram = packet(IPPROTO_UDP, CLIENT, 5000, VIP, 53);
+    let (verdict, out) = h.run(&dgram)?;
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
+    assert_eq!(
+        out.len(),
+        14 + 20 + 8 + 28,
+        "Ethernet + IPv4 + ICMP + quote"
+    );
+    assert_eq!(
+        (&out[0..6], &out[6..12]),
+        (&CLIENT_MAC[..], &NODE_MAC[..]),
+        "MACs swapped"
+    );
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(out[14], 0x45, "IPv4, no options");
+    assert_eq!(
+        u16::from_be_bytes([out[16], out[17]]),
+        56,
+        "IPv4 total length"
+    );
+    assert_eq!((out[22], out[23]), (64, 1), "TTL, protocol ICMP");
+    let ip = |o: usize| Ipv4Addr::new(out[o], out[o + 1], out[o + 2], out[o + 3]);
+    assert_eq!(
+        (ip(26), ip(30)),
+        (VIP, CLIENT),
+        "from the frontend to the client"
+    );
+    assert_eq!(csum(&out[14..34], 0), 0, "IPv4 header checksum");
+    assert_eq!(
+        (out[34], out[35]),
+        (3, 3),
+        "destination unreachable, port unreachable"
+    );
+    assert_eq!(&out[38..42], &[0; 4], "unused field is zero");
+    assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
+    assert_eq!(
+        &out[42..],
+        &dgram[14..42],
+        "quotes the original IPv4 header and 8 bytes"
+    );
+    assert_eq!(h.refused(7), 1);
     Ok(())
 }
 
