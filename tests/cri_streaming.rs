@@ -414,8 +414,9 @@ async fn exec_attach_and_port_forward_over_the_streaming_server() {
     assert_eq!(status["details"]["causes"][0]["reason"], "ExitCode");
     assert_eq!(status["details"]["causes"][0]["message"], "3");
 
-    // A tty is refused at the RPC; so is attach with stdin (keel keeps no container stdin).
-    let e = rt
+    // A tty: the shell runs on a terminal of its own (stdout and stderr merged on channel 1),
+    // sized by resize messages on channel 4.
+    let url = rt
         .exec(api::ExecRequest {
             container_id: sleeper.clone(),
             cmd: vec!["sh".into()],
@@ -423,6 +424,38 @@ async fn exec_attach_and_port_forward_over_the_streaming_server() {
             stdin: true,
             stdout: true,
             stderr: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut ws = ws_connect(&netns, &url, "v5.channel.k8s.io").await.unwrap();
+    let mut resize = vec![4u8];
+    resize.extend_from_slice(br#"{"Width":120,"Height":33}"#);
+    ws.send(Message::binary(resize)).await.unwrap();
+    let mut cmd = vec![0u8];
+    cmd.extend_from_slice(b"tty; stty size; echo o$((0))ops >&2; echo sum=$((40+2)); exit\n");
+    ws.send(Message::binary(cmd)).await.unwrap();
+    let out = read_all(&mut ws).await;
+    let text = String::from_utf8_lossy(out.get(&1).map(Vec::as_slice).unwrap_or_default());
+    assert!(text.contains("/dev/pts/"), "{text:?}");
+    assert!(text.contains("33 120"), "{text:?}");
+    assert!(
+        text.contains("o0ops") && text.contains("sum=42"),
+        "{text:?}"
+    );
+    assert!(!out.contains_key(&2), "{out:?}");
+    assert_eq!(status_of(&out)["status"], "Success", "{out:?}");
+    // tty with stderr is refused at the RPC (the CRI spec); so is attach with stdin (keel
+    // keeps no container stdin).
+    let e = rt
+        .exec(api::ExecRequest {
+            container_id: sleeper.clone(),
+            cmd: vec!["sh".into()],
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: true,
         })
         .await
         .unwrap_err();

@@ -45,15 +45,18 @@ impl Cli {
         self.cgroup.as_ref().unwrap().name().to_string()
     }
 
-    fn keel(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_keel"))
-            .arg("--root")
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+        c.arg("--root")
             .arg(self.root())
             .args(args)
             .env_remove("KEEL_CONFIG")
-            .env("KEEL_RUN_DIR", self.root().join("run"))
-            .output()
-            .unwrap()
+            .env("KEEL_RUN_DIR", self.root().join("run"));
+        c
+    }
+
+    fn keel(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -164,6 +167,17 @@ fn detached_lifecycle_through_the_cli() {
     assert_eq!(cli.ok(&["ctr", "exec", "web", "echo", "hi"]), "hi\n");
     let out = cli.keel(&["ctr", "exec", "web", "sh", "-c", "exit 3"]);
     assert_eq!(out.status.code(), Some(3));
+    interactive_shell(&cli, "web");
+    // -i alone: stdin is a pipe into the command.
+    let mut child = cli
+        .command(&["ctr", "exec", "-i", "web", "tr", "a-z", "A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"piped in\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED IN\n");
     assert!(cli.ok(&["ctr", "stats", "web"]).contains(&id[..12]));
     let inspect: serde_json::Value =
         serde_json::from_str(&cli.ok(&["ctr", "inspect", "web"])).unwrap();
@@ -183,4 +197,80 @@ fn detached_lifecycle_through_the_cli() {
     for root in cgroup_roots() {
         assert!(!root.join(&parent).join(id).exists());
     }
+}
+
+/// Sets the size of the terminal behind `fd`.
+fn set_size(fd: &impl std::os::fd::AsRawFd, cols: u16, rows: u16) {
+    let ws = nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives across the call.
+    assert_eq!(
+        unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::TIOCSWINSZ, &ws) },
+        0
+    );
+}
+
+/// Reads the pty master until `want` came out (10 s at most).
+fn read_until(master: &mut std::fs::File, seen: &mut String, want: &str) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while !seen.contains(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {want:?} in {seen:?}"
+        );
+        let mut pfd = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(master),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16)).unwrap() == 0 {
+            continue;
+        }
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    assert!(seen.contains(want), "no {want:?} in {seen:?}");
+}
+
+/// `keel ctr exec -it NAME sh` on a pseudo-terminal of the test's, as a person at a terminal
+/// runs it: the shell sees a terminal of the size of ours, follows a resize (SIGWINCH), and
+/// its exit code is keel's.
+fn interactive_shell(cli: &Cli, name: &str) {
+    use std::io::Write;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    set_size(&pty.slave, 90, 30);
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = cli
+        .command(&["ctr", "exec", "-it", name, "sh"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let mut seen = String::new();
+    master
+        .write_all(b"tty; stty size; echo sum=$((2+3))\r")
+        .unwrap();
+    read_until(&mut master, &mut seen, "sum=5");
+    assert!(seen.contains("/dev/pts/"), "{seen:?}");
+    assert!(seen.contains("30 90"), "{seen:?}");
+    set_size(&master, 120, 40);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGWINCH,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    master.write_all(b"stty size; exit 4\r").unwrap();
+    read_until(&mut master, &mut seen, "40 120");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "{seen:?}");
 }

@@ -1,6 +1,6 @@
 //! Exec: checks the request and answers the streaming server's URL for it (a single-use
-//! token); the command starts when the client connects (`streaming/exec.rs`). Not served: a
-//! tty (kubectl exec -t), which needs a terminal keel-runtime does not allocate yet.
+//! token); the command starts when the client connects (`streaming/exec.rs`), with a
+//! terminal when `tty` is set (kubectl exec -t).
 
 use crate::container_start::existing_container;
 use crate::service::CriService;
@@ -14,10 +14,11 @@ pub(crate) async fn exec(
     if req.cmd.is_empty() {
         return Err(CriError::invalid("cmd", "empty"));
     }
-    if req.tty {
+    if req.tty && req.stderr {
+        // The CRI spec: with a tty, stderr is merged into stdout and must not be asked for.
         return Err(CriError::invalid(
-            "tty",
-            "keel does not allocate a terminal for exec yet; exec without -t",
+            "tty, stderr",
+            "tty and stderr cannot both be true (a terminal merges stderr into stdout)",
         ));
     }
     if !(req.stdin || req.stdout || req.stderr) {

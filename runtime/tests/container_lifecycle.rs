@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use container_common::Env;
-use keel_runtime::container::{Resources, SeccompProfile, Status};
+use keel_runtime::container::{ExecIo, Resources, SeccompProfile, Status, resize_terminal};
 
 fn main() -> std::process::ExitCode {
     container_common::main(&[
@@ -42,6 +42,11 @@ fn main() -> std::process::ExitCode {
             exec_sync_output_code_and_timeout,
         ),
         ("log_reopens_after_rotation", log_reopens_after_rotation),
+        (
+            "exec_on_a_terminal_with_stdin_and_resize",
+            exec_on_a_terminal_with_stdin_and_resize,
+        ),
+        ("exec_with_piped_stdin", exec_with_piped_stdin),
     ])
 }
 
@@ -273,5 +278,90 @@ fn log_reopens_after_rotation() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     ensure!(!std::fs::read_to_string(&rotated)?.contains("second"));
+    Ok(())
+}
+
+/// Reads `master` until `want` appears in what came out (or 10 s pass); answers all of it.
+fn read_until(master: &mut std::fs::File, want: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(want) {
+        ensure!(
+            Instant::now() < deadline,
+            "no {want:?} in {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        let mut pfd = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(master),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16))? == 0 {
+            continue;
+        }
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    ensure!(text.contains(want), "no {want:?} in {text:?}");
+    Ok(text)
+}
+
+fn exec_on_a_terminal_with_stdin_and_resize() -> anyhow::Result<()> {
+    use std::io::Write;
+    let env = Env::new()?;
+    let id = env.run(&env.sh("sleep 300"))?;
+    let io = ExecIo {
+        stdin: true,
+        tty: true,
+    };
+    let mut p = env.rt.exec_stream(&id, &["sh".to_string()], io)?;
+    let mut master = std::fs::File::from(p.pty.take().context("no terminal")?);
+    resize_terminal(&master, 100, 40)?;
+    // The shell's terminal is its controlling one in the container's own devpts; the size
+    // set on the master is what the shell sees; its stdout and stderr both come out here.
+    master.write_all(b"tty; stty size; echo $TERM; echo e$((1))rr >&2; echo done=$((6*7))\n")?;
+    let text = read_until(&mut master, "done=42")?;
+    ensure!(text.contains("/dev/pts/"), "{text:?}");
+    ensure!(text.contains("40 100"), "{text:?}");
+    ensure!(text.contains("xterm"), "{text:?}");
+    ensure!(text.contains("e1rr"), "{text:?}");
+    resize_terminal(&master, 132, 50)?;
+    master.write_all(b"stty size; exit 5\n")?;
+    read_until(&mut master, "50 132")?;
+    let code = p.wait()?;
+    ensure!(code == 5, "exit code {code}");
+    ensure!(env.rt.status(&id)?.status == Status::Running);
+    Ok(())
+}
+
+fn exec_with_piped_stdin() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let env = Env::new()?;
+    let id = env.run(&env.sh("sleep 300"))?;
+    let io = ExecIo {
+        stdin: true,
+        tty: false,
+    };
+    let cmd = [
+        "sh".to_string(),
+        "-c".to_string(),
+        "tr a-z A-Z; exit 3".to_string(),
+    ];
+    let mut p = env.rt.exec_stream(&id, &cmd, io)?;
+    ensure!(p.pty.is_none());
+    let mut stdin = p.stdin.take().context("no stdin")?;
+    stdin.write_all(b"hello keel\n")?;
+    drop(stdin);
+    let mut out = String::new();
+    p.stdout
+        .take()
+        .context("no stdout")?
+        .read_to_string(&mut out)?;
+    ensure!(out == "HELLO KEEL\n", "{out:?}");
+    ensure!(p.wait()? == 3);
     Ok(())
 }

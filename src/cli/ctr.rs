@@ -31,10 +31,18 @@ pub enum CtrCommand {
         containers: Vec<String>,
     },
     /// Run a command in a running container; exits with the command's exit code.
+    /// `-it` gives an interactive shell: `keel ctr exec -it web sh`.
     Exec {
-        /// Seconds before the command is killed (0: no limit).
-        #[arg(long, short, default_value_t = 0)]
+        /// Seconds before the command is killed (0: no limit; not with -i or -t).
+        #[arg(long, default_value_t = 0, conflicts_with_all = ["interactive", "tty"])]
         timeout: u64,
+        /// Pass this terminal's stdin to the command.
+        #[arg(long, short)]
+        interactive: bool,
+        /// Run the command on a terminal of its own (this terminal in raw mode relays it and
+        /// its size).
+        #[arg(long, short)]
+        tty: bool,
         container: String,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -317,11 +325,17 @@ pub fn run(root: &Path, config: &Config, cmd: CtrCommand) -> anyhow::Result<Exit
         }
         CtrCommand::Exec {
             timeout,
+            interactive,
+            tty,
             container,
             command,
         } => {
             let rt = runtime(root)?;
             let id = rt.resolve(&container)?;
+            if interactive || tty {
+                let code = crate::cli::ctr_exec::interactive(&rt, &id, &command, interactive, tty)?;
+                return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+            }
             let t = (timeout > 0).then(|| Duration::from_secs(timeout));
             let r = rt.exec_sync(&id, &command, t)?;
             std::io::stdout().write_all(&r.stdout)?;

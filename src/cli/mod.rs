@@ -2,6 +2,7 @@ pub mod agent;
 pub mod cni;
 pub mod cri;
 pub mod ctr;
+pub mod ctr_exec;
 pub mod image;
 pub mod pod;
 pub mod proxy;

@@ -3,9 +3,15 @@
 //!
 //! libcontainer forks without the atfork handlers a multi-threaded caller would need, so the
 //! tenant process is started by a short-lived helper, the keel binary re-executed as
-//! `keel __exec <run dir> <bundle> <id> <timeout ms> <status file> -- CMD...`. The helper's
-//! stdin/stdout/stderr are the command's; it reports exit code and timeout in the status file.
-//! The streaming exec (`container_exec_stream.rs`) starts the same helper with pipes.
+//! `keel __exec <run dir> <bundle> <id> <timeout ms> <status file> <tty|-> -- CMD...`. The
+//! command runs with the container's own process settings (env, user, cwd, capabilities,
+//! rlimits: the init's `process` with other args, as containerd's exec does). Without a tty
+//! the helper's stdin/stdout/stderr are the command's. With a tty, libcontainer's init opens a
+//! pseudo-terminal in the container's devpts (its controlling terminal) and sends the master
+//! over a console socket the helper listens on; the helper passes that master on to its
+//! caller over its stdout, a unix socket (`SCM_RIGHTS`). Either way the helper reports exit
+//! code and timeout in the status file. The streaming exec (`container_exec_stream.rs`)
+//! starts the same helper with pipes or a tty.
 
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -76,7 +82,8 @@ impl ContainerRuntime {
         cmd: &[String],
         timeout: Option<Duration>,
     ) -> Result<ExecResult, ContainerError> {
-        let (mut child, status_file) = self.spawn_exec_helper(id, cmd, timeout, Stdio::null())?;
+        let (mut child, status_file) =
+            self.spawn_exec_helper(id, cmd, timeout, Stdio::null(), None)?;
         let err = |reason: String| ContainerError::Exec {
             id: id.to_string(),
             reason,
@@ -109,15 +116,18 @@ impl ContainerRuntime {
 }
 
 impl ContainerRuntime {
-    /// Starts the exec helper for `cmd` in the running container `id`, its stdout and stderr
-    /// piped, its stdin `stdin` (the command gets the helper's stdin). Returns the helper and
-    /// the status file it writes; [`take_helper_status`] reads it once the helper exited.
+    /// Starts the exec helper for `cmd` in the running container `id`, its stdin `stdin` (the
+    /// command gets the helper's stdin) and its stderr piped. Its stdout is piped too, or, with
+    /// `tty` (our end of a socket pair), that socket's other end: the helper then runs the
+    /// command on a terminal and sends its master there. Returns the helper and the status
+    /// file it writes; [`take_helper_status`] reads it once the helper exited.
     pub(super) fn spawn_exec_helper(
         &self,
         id: &str,
         cmd: &[String],
         timeout: Option<Duration>,
         stdin: Stdio,
+        tty: Option<OwnedFd>,
     ) -> Result<(std::process::Child, PathBuf), ContainerError> {
         let info = self.status(id)?;
         if info.status != Status::Running {
@@ -147,10 +157,11 @@ impl ContainerRuntime {
             .arg(id)
             .arg(timeout_ms.to_string())
             .arg(&status_file)
+            .arg(if tty.is_some() { "tty" } else { "-" })
             .arg("--")
             .args(cmd)
             .stdin(stdin)
-            .stdout(Stdio::piped())
+            .stdout(tty.map(Stdio::from).unwrap_or_else(Stdio::piped))
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| err(format!("spawn {}: {e}", exe.display())))?;
@@ -167,20 +178,38 @@ pub(super) fn take_helper_status(status_file: &Path) -> Option<HelperStatus> {
 
 /// The helper's entry (see the module doc). Returns its exit code.
 pub fn helper_main(args: &[String]) -> i32 {
-    let (Some(run), Some(spec), Some(id), Some(timeout), Some(status_file), Some("--")) = (
+    let (
+        Some(run),
+        Some(spec),
+        Some(id),
+        Some(timeout),
+        Some(status_file),
+        Some(tty @ ("tty" | "-")),
+        Some("--"),
+    ) = (
         args.first(),
         args.get(1),
         args.get(2),
         args.get(3).and_then(|t| t.parse::<u64>().ok()),
         args.get(4),
         args.get(5).map(String::as_str),
-    ) else {
-        eprintln!("usage: keel {EXEC_ARG} RUN_DIR SPEC ID TIMEOUT_MS STATUS_FILE -- CMD...");
+        args.get(6).map(String::as_str),
+    )
+    else {
+        eprintln!("usage: keel {EXEC_ARG} RUN_DIR SPEC ID TIMEOUT_MS STATUS_FILE tty|- -- CMD...");
         return 2;
     };
-    let cmd = args[6..].to_vec();
+    let cmd = args[7..].to_vec();
     let status_file = PathBuf::from(status_file);
-    let status = match run_helper(Path::new(run), Path::new(spec), id, timeout, cmd) {
+    let helper = Helper {
+        run: Path::new(run),
+        spec: Path::new(spec),
+        id,
+        timeout_ms: timeout,
+        status_file: &status_file,
+        tty: tty == "tty",
+    };
+    let status = match helper.run(cmd) {
         Ok(s) => s,
         Err(e) => HelperStatus {
             error: Some(e),
@@ -204,82 +233,230 @@ fn dup(fd: i32) -> Result<OwnedFd, String> {
         .map_err(|e| format!("dup fd {fd}: {e}"))
 }
 
-fn run_helper(
-    run: &Path,
-    spec_path: &Path,
-    id: &str,
+/// One exec as the helper runs it.
+struct Helper<'a> {
+    run: &'a Path,
+    spec: &'a Path,
+    id: &'a str,
     timeout_ms: u64,
-    cmd: Vec<String>,
-) -> Result<HelperStatus, String> {
-    let _ = nix::sys::prctl::set_child_subreaper(true);
-    let spec = oci_spec::runtime::Spec::load(spec_path).map_err(|e| format!("load spec: {e}"))?;
-    let user = spec.process().as_ref().map(|p| p.user().clone());
-    let cwd = spec.process().as_ref().map(|p| p.cwd().clone());
-    // The helper's own stdin: /dev/null for exec-sync, a pipe for a streaming exec.
-    let stdin = dup(0)?;
-    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_root_path(run)
-        .map_err(|e| format!("run dir: {e}"))?
-        .with_stdin(stdin)
-        .with_stdout(dup(1)?)
-        .with_stderr(dup(2)?)
-        .as_tenant()
-        .with_container_args(cmd)
-        .with_cwd(cwd)
-        .with_detach(false)
-        .as_sibling(false);
-    if let Some(u) = user {
-        builder = builder
-            .with_user(Some(u.uid()))
-            .with_group(Some(u.gid()))
-            .with_additional_gids(u.additional_gids().clone().unwrap_or_default());
-    }
-    let pid = builder.build().map_err(|e| format!("exec: {e}"))?;
-    let fd = rustix::process::Pid::from_raw(pid.as_raw())
-        .ok_or("bad pid")
-        .and_then(|p| {
-            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
-                .map_err(|_| "pidfd_open")
-        })
-        .map_err(|e| e.to_string())?;
-    let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
-    let mut timed_out = false;
-    loop {
-        let wait_ms: i32 = match deadline {
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    timed_out = true;
-                    let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
-                    break;
-                }
-                left.as_millis().min(i32::MAX as u128) as i32
+    status_file: &'a Path,
+    tty: bool,
+}
+
+impl Helper<'_> {
+    /// The container's process with `cmd` as its args (and a terminal with `tty`), written
+    /// beside the status file for libcontainer to read.
+    fn process_file(&self, cmd: Vec<String>) -> Result<PathBuf, String> {
+        let spec =
+            oci_spec::runtime::Spec::load(self.spec).map_err(|e| format!("load spec: {e}"))?;
+        let mut process = spec.process().clone().ok_or("the spec has no process")?;
+        process.set_args(Some(cmd));
+        process.set_terminal(Some(self.tty));
+        process.set_console_size(None);
+        if self.tty {
+            let env = process.env().clone().unwrap_or_default();
+            if !env.iter().any(|e| e.starts_with("TERM=")) {
+                let mut env = env;
+                env.push("TERM=xterm".into());
+                process.set_env(Some(env));
             }
-            None => -1,
-        };
-        let timeout = if wait_ms < 0 {
-            nix::poll::PollTimeout::NONE
+        }
+        let path = self.status_file.with_extension("process.json");
+        let data = serde_json::to_vec(&process).map_err(|e| format!("process: {e}"))?;
+        std::fs::write(&path, data).map_err(|e| format!("write {}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    fn run(&self, cmd: Vec<String>) -> Result<HelperStatus, String> {
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+        let process = self.process_file(cmd)?;
+        let result = self.start(&process);
+        let _ = std::fs::remove_file(&process);
+        let pid = result?;
+        self.wait(pid)
+    }
+
+    /// Starts the command; with a tty, hands its terminal's master to the caller.
+    fn start(&self, process: &Path) -> Result<nix::unistd::Pid, String> {
+        // The helper's own stdin: /dev/null for exec-sync, a pipe for a streaming exec.
+        let mut builder = ContainerBuilder::new(self.id.to_string(), SyscallType::default())
+            .with_root_path(self.run)
+            .map_err(|e| format!("run dir: {e}"))?;
+        let console = if self.tty {
+            let console = ConsoleSocket::bind(self.status_file)?;
+            builder = builder.with_console_socket(Some(&console.path));
+            Some(console)
         } else {
-            nix::poll::PollTimeout::try_from(wait_ms).unwrap_or(nix::poll::PollTimeout::MAX)
+            builder = builder
+                .with_stdin(dup(0)?)
+                .with_stdout(dup(1)?)
+                .with_stderr(dup(2)?);
+            None
         };
-        let mut pfd = [nix::poll::PollFd::new(
-            fd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        match nix::poll::poll(&mut pfd, timeout) {
-            Ok(n) if n > 0 => break,
-            _ => continue,
+        let pid = builder
+            .as_tenant()
+            .with_process(Some(process))
+            .with_detach(self.tty)
+            .as_sibling(false)
+            .build()
+            .map_err(|e| format!("exec: {e}"))?;
+        if let Some(console) = console {
+            let master = console.receive();
+            if let Err(e) = master.and_then(send_fd) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, None);
+                return Err(e);
+            }
+        }
+        Ok(pid)
+    }
+
+    /// Waits for the command (killing it when the timeout passes) and answers its status.
+    fn wait(&self, pid: nix::unistd::Pid) -> Result<HelperStatus, String> {
+        let fd = rustix::process::Pid::from_raw(pid.as_raw())
+            .ok_or("bad pid")
+            .and_then(|p| {
+                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                    .map_err(|_| "pidfd_open")
+            })
+            .map_err(|e| e.to_string())?;
+        let timeout_ms = self.timeout_ms;
+        let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
+        let mut timed_out = false;
+        loop {
+            let wait_ms: i32 = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        timed_out = true;
+                        let _ =
+                            rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+                        break;
+                    }
+                    left.as_millis().min(i32::MAX as u128) as i32
+                }
+                None => -1,
+            };
+            let timeout = if wait_ms < 0 {
+                nix::poll::PollTimeout::NONE
+            } else {
+                nix::poll::PollTimeout::try_from(wait_ms).unwrap_or(nix::poll::PollTimeout::MAX)
+            };
+            let mut pfd = [nix::poll::PollFd::new(
+                fd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut pfd, timeout) {
+                Ok(n) if n > 0 => break,
+                _ => continue,
+            }
+        }
+        let status = nix::sys::wait::waitpid(pid, None).map_err(|e| format!("wait: {e}"))?;
+        let exit_code = match status {
+            nix::sys::wait::WaitStatus::Exited(_, c) => c,
+            nix::sys::wait::WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+            _ => 255,
+        };
+        Ok(HelperStatus {
+            exit_code,
+            timed_out,
+            error: None,
+        })
+    }
+}
+
+/// The unix socket libcontainer's init sends the terminal's master to. Bound under a short
+/// relative name in the status file's directory (a socket path may not exceed 107 bytes; the
+/// container directory may be longer), then given to libcontainer by its full path.
+struct ConsoleSocket {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+}
+
+impl ConsoleSocket {
+    fn bind(status_file: &Path) -> Result<ConsoleSocket, String> {
+        let dir = status_file.parent().ok_or("status file has no directory")?;
+        let name = format!("tty-{:08x}.sock", rand::random::<u32>());
+        // The helper is single-threaded here: changing its directory is safe.
+        let prev = std::env::current_dir().map_err(|e| format!("current dir: {e}"))?;
+        std::env::set_current_dir(dir).map_err(|e| format!("chdir {}: {e}", dir.display()))?;
+        let bound = std::os::unix::net::UnixListener::bind(&name);
+        let _ = std::env::set_current_dir(prev);
+        let listener = bound.map_err(|e| format!("console socket in {}: {e}", dir.display()))?;
+        Ok(ConsoleSocket {
+            listener,
+            path: dir.join(name),
+        })
+    }
+
+    /// The master the init sent (it did before `build` returned; a short wait covers a lost
+    /// race all the same).
+    fn receive(&self) -> Result<OwnedFd, String> {
+        let _ = self.listener.set_nonblocking(true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match self.listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err("the container sent no terminal within 10 s".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(format!("console socket: {e}")),
+            }
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        recv_fd(stream.as_fd()).map_err(|e| format!("receive the terminal: {e}"))
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Sends `fd` over the helper's stdout (a unix socket in tty mode) to the caller.
+fn send_fd(fd: OwnedFd) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(b"pty")];
+    nix::sys::socket::sendmsg::<()>(
+        1,
+        &iov,
+        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("send the terminal to the caller: {e}"))
+}
+
+/// Receives one fd sent with `SCM_RIGHTS` on `sock`.
+pub(super) fn recv_fd(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = [0u8; 16];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c
+            && let Some(&fd) = fds.first()
+        {
+            // SAFETY: the kernel just installed `fd` in this process for us; nobody else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
-    let status = nix::sys::wait::waitpid(pid, None).map_err(|e| format!("wait: {e}"))?;
-    let exit_code = match status {
-        nix::sys::wait::WaitStatus::Exited(_, c) => c,
-        nix::sys::wait::WaitStatus::Signaled(_, s, _) => 128 + s as i32,
-        _ => 255,
-    };
-    Ok(HelperStatus {
-        exit_code,
-        timed_out,
-        error: None,
-    })
+    Err(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "no file descriptor in the message (the sender went away)",
+    ))
 }

@@ -43,7 +43,7 @@ pub use config::{
 };
 pub use container_create::ImageInfo;
 pub use container_exec::ExecResult;
-pub use container_exec_stream::ExecProcess;
+pub use container_exec_stream::{ExecIo, ExecProcess, resize_terminal};
 pub use container_list::{ContainerInfo, ListFilter, Status};
 pub use container_stats::ContainerStats;
 pub use state::{ContainerRecord, ExitRecord};

@@ -330,12 +330,26 @@ fn default_mounts(cfg: &ContainerConfig) -> Result<Vec<Mount>, SpecError> {
             "sysfs",
             &["nosuid", "noexec", "nodev", ro],
         )?);
-        m.push(mount(
-            "/sys/fs/cgroup",
-            "cgroup",
-            "cgroup",
-            &["nosuid", "noexec", "nodev", "relatime", ro],
-        )?);
+        if super::cgroups::is_v2() || !matches!(cfg.namespaces.pid, NamespaceMode::Join(_)) {
+            m.push(mount(
+                "/sys/fs/cgroup",
+                "cgroup",
+                "cgroup",
+                &["nosuid", "noexec", "nodev", "relatime", ro],
+            )?);
+        } else {
+            // libcontainer 0.7 emulates a cgroup v1 mount from the host's /proc/<ppid>/cgroup,
+            // and an init that joined an existing PID namespace (a pod's shared one) has no
+            // parent there, so it reads /proc/<its own pid in the pod> of the host: another
+            // process, or none (create fails). Such containers get an empty read-only
+            // /sys/fs/cgroup instead of that emulation.
+            m.push(mount(
+                "/sys/fs/cgroup",
+                "tmpfs",
+                "tmpfs",
+                &["nosuid", "noexec", "nodev", "mode=755", "size=4k", ro],
+            )?);
+        }
     }
     Ok(m)
 }
