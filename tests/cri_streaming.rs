@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use keel_cri::api;
 use keel_cri::api::runtime_service_client::RuntimeServiceClient;
+use keel_cri::streaming::spdy;
 use keel_cri::tonic::transport::Channel;
 use keel_testkit::image_builder::{MediaTypes, Variant, build_cached, single_expect};
 use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, privileged};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -589,4 +591,189 @@ async fn exec_attach_and_port_forward_over_the_streaming_server() {
     let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
     let text = String::from_utf8_lossy(&error[2..]).into_owned();
     assert!(text.contains("8081"), "{text}");
+
+    spdy_exec_and_port_forward(&mut rt, &netns, &pod, &sleeper).await;
+}
+
+/// A minimal SPDY/3.1 client of the streaming server, as kubelet's proxy and crictl speak
+/// it: the HTTP upgrade, then client-opened streams.
+struct Spdy {
+    rd: tokio::io::ReadHalf<tokio::net::TcpStream>,
+    wr: tokio::io::WriteHalf<tokio::net::TcpStream>,
+    headers_out: spdy::HeaderWriter,
+    headers_in: spdy::HeaderReader,
+}
+
+/// What came back on each stream, and which streams the server closed.
+#[derive(Default, Debug)]
+struct SpdyOut {
+    data: std::collections::BTreeMap<u32, Vec<u8>>,
+    fin: std::collections::BTreeSet<u32>,
+    replies: std::collections::BTreeSet<u32>,
+    goaway: bool,
+}
+
+impl Spdy {
+    /// Upgrades `url` to SPDY offering `protocol`; Err is the HTTP status line when refused.
+    async fn connect(netns: &Path, url: &str, protocol: &str) -> Result<Spdy, String> {
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_at(rest.find('/').unwrap());
+        let mut tcp = tcp_in(netns, host.to_owned()).await;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            tcp.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 101") {
+            return Err(head.lines().next().unwrap_or("").to_owned());
+        }
+        assert!(head.contains("upgrade: spdy/3.1"), "{head}");
+        assert!(
+            head.contains(&format!("x-stream-protocol-version: {protocol}")),
+            "{head}"
+        );
+        let (rd, wr) = tokio::io::split(tcp);
+        Ok(Spdy {
+            rd,
+            wr,
+            headers_out: spdy::HeaderWriter::new(),
+            headers_in: spdy::HeaderReader::new(),
+        })
+    }
+
+    async fn open(&mut self, id: u32, headers: &[(&str, &str)]) {
+        let f = spdy::syn_stream(&mut self.headers_out, id, false, headers);
+        self.wr.write_all(&f).await.unwrap();
+    }
+
+    async fn send(&mut self, id: u32, data: &[u8], fin: bool) {
+        self.wr
+            .write_all(&spdy::data_frame(id, fin, data))
+            .await
+            .unwrap();
+    }
+
+    /// Reads frames until `done` says so, the server goes away, or 30 s pass.
+    async fn read(&mut self, out: &mut SpdyOut, done: impl Fn(&SpdyOut) -> bool) {
+        let read = async {
+            while !done(out) && !out.goaway {
+                match spdy::read_frame(&mut self.rd, &mut self.headers_in).await {
+                    Ok(spdy::Frame::Data { stream, fin, data }) => {
+                        out.data.entry(stream).or_default().extend_from_slice(&data);
+                        if fin {
+                            out.fin.insert(stream);
+                        }
+                    }
+                    Ok(spdy::Frame::SynReply { stream, .. }) => {
+                        out.replies.insert(stream);
+                    }
+                    Ok(spdy::Frame::GoAway) | Err(_) => out.goaway = true,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the SPDY exchange ended within 30 s");
+    }
+}
+
+async fn spdy_exec_and_port_forward(rt: &mut Client, netns: &Path, pod: &str, sleeper: &str) {
+    let exec = |tty: bool, cmd: &[&str]| api::ExecRequest {
+        container_id: sleeper.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin: true,
+        stdout: true,
+        stderr: !tty,
+    };
+    // Exec with stdin: streams error, stdin, stdout, stderr; stdin's FIN closes cat's input.
+    let url = rt
+        .exec(exec(false, &["sh", "-c", "cat; echo e >&2; exit 2"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    // A protocol the server does not speak is refused before the token is used.
+    let refused = Spdy::connect(netns, &url, "v1.channel.k8s.io").await.err();
+    assert!(refused.is_some_and(|l| l.contains("403")));
+    let mut c = Spdy::connect(netns, &url, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    for (id, kind) in [(1, "error"), (3, "stdin"), (5, "stdout"), (7, "stderr")] {
+        c.open(id, &[("streamType", kind)]).await;
+    }
+    c.send(3, b"over spdy\n", true).await;
+    let mut out = SpdyOut::default();
+    c.read(&mut out, |_| false).await;
+    assert_eq!(out.replies.len(), 4, "{out:?}");
+    assert_eq!(
+        out.data.get(&5).map(Vec::as_slice),
+        Some(&b"over spdy\n"[..])
+    );
+    assert_eq!(out.data.get(&7).map(Vec::as_slice), Some(&b"e\n"[..]));
+    let status: serde_json::Value = serde_json::from_slice(&out.data[&1]).unwrap();
+    assert_eq!(status["details"]["causes"][0]["message"], "2", "{status}");
+    assert!(out.fin.contains(&5) && out.fin.contains(&1), "{out:?}");
+
+    // On a tty: the resize stream's JSON sizes the terminal.
+    let url = rt.exec(exec(true, &["sh"])).await.unwrap().into_inner().url;
+    let mut c = Spdy::connect(netns, &url, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    for (id, kind) in [(1, "error"), (3, "stdin"), (5, "stdout"), (7, "resize")] {
+        c.open(id, &[("streamType", kind)]).await;
+    }
+    c.send(7, br#"{"Width":77,"Height":21}"#, false).await;
+    // The resize is applied before the shell reads its first line (a short pause: the two
+    // streams are independent).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(3, b"stty size; exit 0\n", false).await;
+    let mut out = SpdyOut::default();
+    c.read(&mut out, |_| false).await;
+    let text = String::from_utf8_lossy(out.data.get(&5).map(Vec::as_slice).unwrap_or_default())
+        .into_owned();
+    assert!(text.contains("21 77"), "{text:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.data[&1]).unwrap();
+    assert_eq!(status["status"], "Success", "{status}");
+
+    // Port-forward: an error and a data stream per connection, named by port and requestID.
+    let url = rt
+        .port_forward(api::PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: vec![8080],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut c = Spdy::connect(netns, &url, "portforward.k8s.io")
+        .await
+        .unwrap();
+    let names = |kind: &'static str, port: &'static str, id: &'static str| {
+        [("streamType", kind), ("port", port), ("requestID", id)]
+    };
+    c.open(1, &names("error", "8080", "0")).await;
+    c.open(3, &names("data", "8080", "0")).await;
+    c.send(3, b"GET /index.html HTTP/1.0\r\n\r\n", false).await;
+    c.open(5, &names("error", "8081", "1")).await;
+    c.open(7, &names("data", "8081", "1")).await;
+    let mut out = SpdyOut::default();
+    c.read(&mut out, |o| o.fin.contains(&3) && o.fin.contains(&5))
+        .await;
+    let answer = String::from_utf8_lossy(&out.data[&3]).into_owned();
+    assert!(answer.starts_with("HTTP/1."), "{answer}");
+    assert!(
+        answer.contains(single_expect::INDEX_HTML_CONTENT.trim()),
+        "{answer}"
+    );
+    assert!(!out.data.contains_key(&1), "{out:?}");
+    let error = String::from_utf8_lossy(&out.data[&5]).into_owned();
+    assert!(error.contains("8081"), "{error}");
 }

@@ -29,8 +29,9 @@ use crate::service::CriService;
 /// hold the pipes open forever).
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// Exec over a WebSocket: the channel messages are the socket's binary messages.
 pub(super) async fn serve(svc: Arc<CriService>, req: api::ExecRequest, ws: Socket) {
-    let (mut sink, stream) = ws.split();
+    let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(32);
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -40,7 +41,30 @@ pub(super) async fn serve(svc: Arc<CriService>, req: api::ExecRequest, ws: Socke
         }
         let _ = sink.close().await;
     });
+    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(32);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Binary(d) if in_tx.send(d.to_vec()).await.is_err() => return,
+                Message::Close(_) => return,
+                _ => {}
+            }
+        }
+    });
+    run(svc, req, tx, in_rx).await;
+    reader.abort();
+    let _ = writer.await;
+}
 
+/// Runs the exec: its output and status go out on `tx` as channel messages (channel byte, then
+/// data), the client's channel messages come in on `input` (its end: the client left). Returns
+/// once the status is sent.
+pub(super) async fn run(
+    svc: Arc<CriService>,
+    req: api::ExecRequest,
+    tx: mpsc::Sender<Vec<u8>>,
+    input: mpsc::Receiver<Vec<u8>>,
+) {
     let containers = svc.containers().clone();
     let (id, cmd) = (req.container_id.clone(), req.cmd.clone());
     let io = ExecIo {
@@ -58,13 +82,11 @@ pub(super) async fn serve(svc: Arc<CriService>, req: api::ExecRequest, ws: Socke
             let _ = tx
                 .send(channel::frame(ERROR, &channel::error_status(&e)))
                 .await;
-            drop(tx);
-            let _ = writer.await;
             return;
         }
     };
 
-    let (input, out, err) = match process.pty.take() {
+    let (stdin_sink, out, err) = match process.pty.take() {
         Some(master) => {
             let master = match Terminal::new(master) {
                 Ok(m) => Arc::new(m),
@@ -72,8 +94,6 @@ pub(super) async fn serve(svc: Arc<CriService>, req: api::ExecRequest, ws: Socke
                     let _ = tx
                         .send(channel::frame(ERROR, &channel::error_status(&e)))
                         .await;
-                    drop(tx);
-                    let _ = writer.await;
                     return;
                 }
             };
@@ -103,7 +123,7 @@ pub(super) async fn serve(svc: Arc<CriService>, req: api::ExecRequest, ws: Socke
             (Input::Pipe(stdin), out, err)
         }
     };
-    let reader = tokio::spawn(read_input(stream, input));
+    let reader = tokio::spawn(read_input(input, stdin_sink));
 
     let exit = tokio::task::spawn_blocking(move || process.wait()).await;
     let _ = tokio::time::timeout(DRAIN, async {
@@ -120,9 +140,7 @@ pub(super) async fn serve(svc: Arc<CriService>, req: api::ExecRequest, ws: Socke
         Err(e) => channel::error_status(&e.to_string()),
     };
     let _ = tx.send(channel::frame(ERROR, &status)).await;
-    drop(tx);
     reader.abort();
-    let _ = writer.await;
 }
 
 /// Sends what `pipe` yields as `channel` messages until EOF (with no `tx`, drops it).
@@ -232,13 +250,8 @@ async fn pump_terminal(master: Arc<Terminal>, tx: mpsc::Sender<Vec<u8>>) {
 /// Routes the client's messages: stdin data into the command (its pipe or its terminal), a
 /// v5 CLOSE of stdin (or the end of the connection) closes its stdin (on a terminal: ^D);
 /// resize messages size the terminal; unknown channels are dropped.
-async fn read_input(mut stream: futures::stream::SplitStream<Socket>, mut input: Input) {
-    while let Some(Ok(msg)) = stream.next().await {
-        let data = match msg {
-            Message::Binary(d) => d,
-            Message::Close(_) => break,
-            _ => continue,
-        };
+async fn read_input(mut messages: mpsc::Receiver<Vec<u8>>, mut input: Input) {
+    while let Some(data) = messages.recv().await {
         match (data.first(), &mut input) {
             (Some(&STDIN), Input::Pipe(stdin)) => {
                 if let Some(w) = stdin.as_mut()

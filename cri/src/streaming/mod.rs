@@ -15,6 +15,8 @@ mod attach;
 pub(crate) mod channel;
 mod exec;
 mod port_forward;
+pub mod spdy;
+mod spdy_serve;
 pub(crate) mod tokens;
 
 use std::convert::Infallible;
@@ -148,12 +150,16 @@ fn route(svc: Arc<CriService>, mut req: Request<Incoming>) -> Response<Full<Byte
     let Some((kind, token)) = parse_path(req.uri().path()) else {
         return plain(StatusCode::NOT_FOUND, "not found");
     };
+    if header_str(&req, header::UPGRADE).eq_ignore_ascii_case(SPDY) {
+        let (kind, token) = (kind.to_owned(), token.to_owned());
+        return route_spdy(svc, req, &kind, &token);
+    }
     let websocket = header_str(&req, header::UPGRADE).eq_ignore_ascii_case("websocket");
     let key = header_str(&req, header::SEC_WEBSOCKET_KEY).to_owned();
     if !websocket || key.is_empty() {
         return plain(
             StatusCode::BAD_REQUEST,
-            "keel's streaming server speaks WebSocket only (no SPDY): upgrade to websocket",
+            "upgrade to websocket or SPDY/3.1 (Connection: Upgrade)",
         );
     }
     let supported = match kind {
@@ -214,6 +220,86 @@ fn route(svc: Arc<CriService>, mut req: Request<Incoming>) -> Response<Full<Byte
         header::SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(protocol),
     );
+    r
+}
+
+/// The SPDY upgrade token.
+const SPDY: &str = "SPDY/3.1";
+/// The header a SPDY client offers its stream protocols in (one value, or several headers).
+const STREAM_PROTOCOL: &str = "x-stream-protocol-version";
+/// What exec speaks over SPDY; port-forward's protocol.
+const SPDY_EXEC_PROTOCOLS: &[&str] = &[channel::V4];
+const SPDY_PORT_FORWARD_PROTOCOLS: &[&str] = &["portforward.k8s.io"];
+
+/// The SPDY side of [`route`]: negotiates `X-Stream-Protocol-Version` as kubelet's
+/// `httpstream.Handshake` does, takes the token and answers 101; the session runs on a task of
+/// its own. Attach is served over WebSocket only.
+fn route_spdy(
+    svc: Arc<CriService>,
+    mut req: Request<Incoming>,
+    kind: &str,
+    token: &str,
+) -> Response<Full<Bytes>> {
+    let supported = match kind {
+        "portforward" => SPDY_PORT_FORWARD_PROTOCOLS,
+        "exec" => SPDY_EXEC_PROTOCOLS,
+        _ => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "attach is served over WebSocket only (v4/v5.channel.k8s.io)",
+            );
+        }
+    };
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(STREAM_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .collect();
+    let Some(protocol) = offered
+        .iter()
+        .find_map(|o| supported.iter().copied().find(|s| s == o))
+    else {
+        return plain(
+            StatusCode::FORBIDDEN,
+            &format!("X-Stream-Protocol-Version: none of {supported:?} offered (got {offered:?})"),
+        );
+    };
+    let pending = match (kind, svc.streaming.tokens.take(token)) {
+        (_, None) => return plain(StatusCode::NOT_FOUND, "unknown or expired token"),
+        ("exec", Some(p @ Pending::Exec(_)))
+        | ("portforward", Some(p @ Pending::PortForward(_))) => p,
+        _ => return plain(StatusCode::NOT_FOUND, "token is for another endpoint"),
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let io = match upgrade.await {
+            Ok(io) => TokioIo::new(io),
+            Err(e) => {
+                tracing::debug!(error = %e, "streaming server: upgrade");
+                return;
+            }
+        };
+        match pending {
+            Pending::Exec(r) => {
+                let span = tracing::info_span!("exec", container = %r.container_id, %protocol, transport = "spdy");
+                spdy_serve::exec(svc, r, io).instrument(span).await
+            }
+            Pending::PortForward(r) => {
+                let span = tracing::info_span!("port_forward", pod = %r.pod_sandbox_id, transport = "spdy");
+                spdy_serve::port_forward(svc, r, io).instrument(span).await
+            }
+            Pending::Attach(_) => {}
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static(SPDY));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(STREAM_PROTOCOL, HeaderValue::from_static(protocol));
     r
 }
 

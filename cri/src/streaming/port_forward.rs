@@ -121,7 +121,7 @@ pub(super) async fn serve(
 }
 
 /// The pod's pinned network namespace.
-async fn pod_netns(svc: &CriService, pod: &str) -> Result<PathBuf, String> {
+pub(super) async fn pod_netns(svc: &CriService, pod: &str) -> Result<PathBuf, String> {
     let pods = svc.pods.clone();
     let id = pod.to_owned();
     let info = tokio::task::spawn_blocking(move || pods.status(&id))
@@ -137,7 +137,7 @@ async fn pod_netns(svc: &CriService, pod: &str) -> Result<PathBuf, String> {
 /// Connects to 127.0.0.1:`port` from inside the namespace pinned at `netns`: on a thread of its
 /// own that enters the namespace and ends after the connect (a socket stays in the namespace
 /// it was made in; the thread's namespace must not leak into a pool thread).
-async fn connect_in(netns: PathBuf, port: u16) -> Result<TcpStream, String> {
+pub(super) async fn connect_in(netns: PathBuf, port: u16) -> Result<TcpStream, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("keel-portfwd".into())
