@@ -592,7 +592,7 @@ async fn exec_attach_and_port_forward_over_the_streaming_server() {
     let text = String::from_utf8_lossy(&error[2..]).into_owned();
     assert!(text.contains("8081"), "{text}");
 
-    spdy_exec_and_port_forward(&mut rt, &netns, &pod, &sleeper).await;
+    spdy_exec_attach_and_port_forward(&mut rt, &netns, &pod, &sleeper).await;
 }
 
 /// A minimal SPDY/3.1 client of the streaming server, as kubelet's proxy and crictl speak
@@ -684,7 +684,12 @@ impl Spdy {
     }
 }
 
-async fn spdy_exec_and_port_forward(rt: &mut Client, netns: &Path, pod: &str, sleeper: &str) {
+async fn spdy_exec_attach_and_port_forward(
+    rt: &mut Client,
+    netns: &Path,
+    pod: &str,
+    sleeper: &str,
+) {
     let exec = |tty: bool, cmd: &[&str]| api::ExecRequest {
         container_id: sleeper.into(),
         cmd: cmd.iter().map(|s| s.to_string()).collect(),
@@ -740,6 +745,47 @@ async fn spdy_exec_and_port_forward(rt: &mut Client, netns: &Path, pod: &str, sl
     let text = String::from_utf8_lossy(out.data.get(&5).map(Vec::as_slice).unwrap_or_default())
         .into_owned();
     assert!(text.contains("21 77"), "{text:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.data[&1]).unwrap();
+    assert_eq!(status["status"], "Success", "{status}");
+
+    // Attach (output only): what the container writes from now on, then its status.
+    let talker = run_container(
+        rt,
+        pod,
+        "spdy-talker",
+        &["sh", "-c", "sleep 2; echo spdy-out; echo spdy-err >&2"],
+    )
+    .await;
+    let url = rt
+        .attach(api::AttachRequest {
+            container_id: talker,
+            stdin: false,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut c = Spdy::connect(netns, &url, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    for (id, kind) in [(1, "error"), (3, "stdout"), (5, "stderr")] {
+        c.open(id, &[("streamType", kind)]).await;
+    }
+    let mut out = SpdyOut::default();
+    c.read(&mut out, |_| false).await;
+    assert_eq!(
+        out.data.get(&3).map(Vec::as_slice),
+        Some(&b"spdy-out\n"[..]),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.data.get(&5).map(Vec::as_slice),
+        Some(&b"spdy-err\n"[..]),
+        "{out:?}"
+    );
     let status: serde_json::Value = serde_json::from_slice(&out.data[&1]).unwrap();
     assert_eq!(status["status"], "Success", "{status}");
 

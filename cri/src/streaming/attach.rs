@@ -20,9 +20,35 @@ use super::channel::{self, ERROR, STDERR, STDOUT};
 use crate::api;
 use crate::service::CriService;
 
+/// Attach over a WebSocket: the channel messages are binary messages; the client closing (or
+/// going away) ends the attach, its other messages are dropped.
 pub(super) async fn serve(svc: Arc<CriService>, req: api::AttachRequest, ws: Socket) {
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let gone = async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some(m) = rx.recv().await {
+            if sink.send(Message::binary(m)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        _ = async { tokio::join!(run(svc, req, tx), writer) } => {}
+        _ = gone => {}
+    }
+}
+
+/// Follows the container's log, sending its entries (and at its exit the status) as channel
+/// messages on `tx`; returns when the container exited or `tx`'s receiver is gone.
+pub(super) async fn run(svc: Arc<CriService>, req: api::AttachRequest, tx: mpsc::Sender<Vec<u8>>) {
     let since = Utc::now();
     let containers = svc.containers().clone();
     let id = req.container_id.clone();
@@ -57,27 +83,5 @@ pub(super) async fn serve(svc: Arc<CriService>, req: api::AttachRequest, ws: Soc
     drop(tx);
     if let Err(e) = follower {
         tracing::warn!(error = %e, "attach: spawn log follower");
-        let _ = sink.close().await;
-        return;
     }
-    loop {
-        tokio::select! {
-            m = rx.recv() => match m {
-                Some(m) => {
-                    if sink.send(Message::binary(m)).await.is_err() {
-                        break;
-                    }
-                }
-                None => break,
-            },
-            // The client closing (or going away) ends the stream; its other messages (stdin
-            // was refused, resize has no tty) are dropped.
-            m = stream.next() => match m {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                Some(Ok(_)) => {}
-            },
-        }
-    }
-    drop(rx);
-    let _ = sink.close().await;
 }

@@ -227,13 +227,13 @@ fn route(svc: Arc<CriService>, mut req: Request<Incoming>) -> Response<Full<Byte
 const SPDY: &str = "SPDY/3.1";
 /// The header a SPDY client offers its stream protocols in (one value, or several headers).
 const STREAM_PROTOCOL: &str = "x-stream-protocol-version";
-/// What exec speaks over SPDY; port-forward's protocol.
+/// What exec and attach speak over SPDY; port-forward's protocol.
 const SPDY_EXEC_PROTOCOLS: &[&str] = &[channel::V4];
 const SPDY_PORT_FORWARD_PROTOCOLS: &[&str] = &["portforward.k8s.io"];
 
 /// The SPDY side of [`route`]: negotiates `X-Stream-Protocol-Version` as kubelet's
 /// `httpstream.Handshake` does, takes the token and answers 101; the session runs on a task of
-/// its own. Attach is served over WebSocket only.
+/// its own.
 fn route_spdy(
     svc: Arc<CriService>,
     mut req: Request<Incoming>,
@@ -242,13 +242,7 @@ fn route_spdy(
 ) -> Response<Full<Bytes>> {
     let supported = match kind {
         "portforward" => SPDY_PORT_FORWARD_PROTOCOLS,
-        "exec" => SPDY_EXEC_PROTOCOLS,
-        _ => {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "attach is served over WebSocket only (v4/v5.channel.k8s.io)",
-            );
-        }
+        _ => SPDY_EXEC_PROTOCOLS,
     };
     let offered: Vec<String> = req
         .headers()
@@ -270,6 +264,7 @@ fn route_spdy(
     let pending = match (kind, svc.streaming.tokens.take(token)) {
         (_, None) => return plain(StatusCode::NOT_FOUND, "unknown or expired token"),
         ("exec", Some(p @ Pending::Exec(_)))
+        | ("attach", Some(p @ Pending::Attach(_)))
         | ("portforward", Some(p @ Pending::PortForward(_))) => p,
         _ => return plain(StatusCode::NOT_FOUND, "token is for another endpoint"),
     };
@@ -291,7 +286,10 @@ fn route_spdy(
                 let span = tracing::info_span!("port_forward", pod = %r.pod_sandbox_id, transport = "spdy");
                 spdy_serve::port_forward(svc, r, io).instrument(span).await
             }
-            Pending::Attach(_) => {}
+            Pending::Attach(r) => {
+                let span = tracing::info_span!("attach", container = %r.container_id, %protocol, transport = "spdy");
+                spdy_serve::attach(svc, r, io).instrument(span).await
+            }
         }
     });
     let mut r = Response::new(Full::new(Bytes::new()));

@@ -1,4 +1,4 @@
-//! Exec and port-forward over SPDY (the protocols kubelet's own streaming server serves:
+//! Exec, attach and port-forward over SPDY (the protocols kubelet's own streaming server serves:
 //! `k8s.io/kubelet/pkg/cri/streaming/{remotecommand,portforward}`).
 //!
 //! Exec (`v4.channel.k8s.io`): the client opens one stream per role (`streamType` error,
@@ -7,6 +7,9 @@
 //! WebSocket ([`super::exec::run`]): stdin's data and FIN become channel 0 and its CLOSE,
 //! resize's JSON objects channel 4, channels 1-3 go out on stdout, stderr and error. Then every
 //! stream is closed (FIN) and the connection ends (GOAWAY).
+//!
+//! Attach (`v4.channel.k8s.io`, output only): error, stdout and stderr streams, fed by the same
+//! log follower as over a WebSocket ([`super::attach::run`]).
 //!
 //! Port-forward (`portforward.k8s.io`): the client opens an error and a data stream per
 //! forwarded connection, both naming `port` and a `requestID`; the data stream is piped to a
@@ -31,6 +34,69 @@ const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// The upgraded connection.
 pub(super) type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
+/// Waits (30 s at most) for the client to open a stream of each kind in `want`; None when it
+/// did not.
+async fn gather(
+    incoming: &mut mpsc::Receiver<Incoming>,
+    want: &[&str],
+) -> Option<HashMap<String, Incoming>> {
+    let mut streams: HashMap<String, Incoming> = HashMap::new();
+    let gathered = tokio::time::timeout(STREAM_CREATION_TIMEOUT, async {
+        while want.iter().any(|w| !streams.contains_key(*w)) {
+            let Some(s) = incoming.recv().await else {
+                return false;
+            };
+            let kind = header(&s.headers, "streamtype").unwrap_or("").to_string();
+            if want.contains(&kind.as_str()) {
+                streams.insert(kind, s);
+            } else {
+                tracing::debug!(stream = s.id, kind, "spdy: unexpected stream");
+            }
+        }
+        true
+    })
+    .await;
+    if gathered != Ok(true) {
+        tracing::warn!(
+            missing = ?want.iter().filter(|w| !streams.contains_key(**w)).collect::<Vec<_>>(),
+            "spdy: the client did not open its streams"
+        );
+        return None;
+    }
+    Some(streams)
+}
+
+/// Sends channel messages from `rx` on the streams of channels 1-3; then closes those streams.
+fn output(
+    writer: Writer,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    streams: &HashMap<String, Incoming>,
+) -> tokio::task::JoinHandle<()> {
+    let id = |k: &str| streams.get(k).map(|s| s.id);
+    let (error, stdout, stderr) = (id("error"), id("stdout"), id("stderr"));
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let Some((&ch, data)) = m.split_first() else {
+                continue;
+            };
+            let stream = match ch {
+                STDOUT => stdout,
+                STDERR => stderr,
+                ERROR => error,
+                _ => None,
+            };
+            if let Some(s) = stream
+                && !writer.data(s, data).await
+            {
+                return;
+            }
+        }
+        for s in [error, stdout, stderr].into_iter().flatten() {
+            writer.fin(s).await;
+        }
+    })
+}
+
 pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
     let (mut incoming, writer) = Session::start(io);
     let mut want = vec!["error"];
@@ -46,51 +112,11 @@ pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
     if req.tty {
         want.push("resize");
     }
-    let mut streams: HashMap<String, Incoming> = HashMap::new();
-    let gathered = tokio::time::timeout(STREAM_CREATION_TIMEOUT, async {
-        while want.iter().any(|w| !streams.contains_key(*w)) {
-            let Some(s) = incoming.recv().await else {
-                return false;
-            };
-            let kind = header(&s.headers, "streamtype").unwrap_or("").to_string();
-            if want.contains(&kind.as_str()) {
-                streams.insert(kind, s);
-            } else {
-                tracing::debug!(stream = s.id, kind, "exec over spdy: unexpected stream");
-            }
-        }
-        true
-    })
-    .await;
-    if gathered != Ok(true) {
-        tracing::warn!(
-            missing = ?want.iter().filter(|w| !streams.contains_key(**w)).collect::<Vec<_>>(),
-            "exec over spdy: the client did not open its streams"
-        );
+    let Some(mut streams) = gather(&mut incoming, &want).await else {
         return;
-    }
-    let id = |k: &str| streams.get(k).map(|s| s.id);
-    let (error, stdout, stderr) = (id("error"), id("stdout"), id("stderr"));
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(32);
-    let out_writer = writer.clone();
-    let output = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            let Some((&ch, data)) = m.split_first() else {
-                continue;
-            };
-            let stream = match ch {
-                STDOUT => stdout,
-                STDERR => stderr,
-                ERROR => error,
-                _ => None,
-            };
-            if let Some(s) = stream
-                && !out_writer.data(s, data).await
-            {
-                return;
-            }
-        }
-    });
+    };
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(32);
+    let out = output(writer, rx, &streams);
     let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(32);
     let mut inputs = Vec::new();
     if let Some(stdin) = streams.remove("stdin") {
@@ -122,13 +148,30 @@ pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
     }
     drop(in_tx);
     super::exec::run(svc, req, tx, in_rx).await;
-    let _ = output.await;
+    let _ = out.await;
     for i in inputs {
         i.abort();
     }
-    for s in [error, stdout, stderr].into_iter().flatten() {
-        writer.fin(s).await;
+}
+
+/// Attach over SPDY, output only (stdin and tty are refused at the RPC): the container's log
+/// from now on, on the stdout and stderr streams, the status on the error stream at its exit.
+pub(super) async fn attach(svc: Arc<CriService>, req: api::AttachRequest, io: Io) {
+    let (mut incoming, writer) = Session::start(io);
+    let mut want = vec!["error"];
+    if req.stdout {
+        want.push("stdout");
     }
+    if req.stderr {
+        want.push("stderr");
+    }
+    let Some(streams) = gather(&mut incoming, &want).await else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+    let out = output(writer, rx, &streams);
+    super::attach::run(svc, req, tx).await;
+    let _ = out.await;
 }
 
 /// Takes the complete JSON values at the front of `buf` (kubelet's resize stream is a
