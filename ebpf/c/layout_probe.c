@@ -23,7 +23,7 @@ int main(void)
 	S(keel_svc_stats); F(keel_svc_stats, connects); F(keel_svc_stats, datagrams); F(keel_svc_stats, refused);
 	S(keel_ct_key); F(keel_ct_key, saddr); F(keel_ct_key, daddr); F(keel_ct_key, sport); F(keel_ct_key, dport);
 	F(keel_ct_key, proto); F(keel_ct_key, pad);
-	S(keel_ct_val); F(keel_ct_val, backend_addr); F(keel_ct_val, backend_port); F(keel_ct_val, pad);
+	S(keel_ct_val); F(keel_ct_val, backend_addr); F(keel_ct_val, backend_port); F(keel_ct_val, flags);
 	F(keel_ct_val, svc_id); F(keel_ct_val, pad2); F(keel_ct_val, last_seen_ns);
 	S(keel_nat_val); F(keel_nat_val, addr); F(keel_nat_val, port); F(keel_nat_val, pad);
 	S(keel_maglev_key); F(keel_maglev_key, svc_id); F(keel_maglev_key, idx);

@@ -4,10 +4,11 @@
  * that did not pass a socket hook: NodePort / externalIPs / LoadBalancer IPs from outside.
  *
  * A packet from a backend that matches a reverse-NAT entry gets its source rewritten back to the
- * service address. A packet to a service frontend is DNATed to a backend: an existing conntrack
- * entry wins, else ClientIP affinity, else the service's Maglev table (stable when backends
- * change). A service without backends rejects the packet as a closed port would, and counts it
- * as refused: a TCP segment is answered by a RST, a UDP datagram by ICMP port unreachable, both
+ * service address. A packet to a service frontend is DNATed to a backend chosen as lib/nodeport.h
+ * says (conntrack, else ClientIP affinity, else Maglev), the choice the XDP program
+ * (xdp_nodeport.c) shares; where it runs, it forwards Local-policy flows before this program
+ * sees them. A service without backends rejects the packet as a closed port would, and counts
+ * it as refused: a TCP segment is answered by a RST, a UDP datagram by ICMP port unreachable, both
  * sent back out of the interface the packet came in on (lib/reject.h); a RST is only dropped.
  * IPv4, TCP and UDP, no IP options (anything else passes untouched).
  *
@@ -25,13 +26,9 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "lib/maps.h"
-#include "lib/conntrack.h"
-#include "lib/lb.h"
+#include "lib/nodeport.h"
 #include "lib/reject.h"
 
-/* Affinity clients of the tc path are addresses; bit 63 keeps them apart from netns cookies. */
-#define KEEL_TC_CLIENT_TAG (1ULL << 63)
 /* skb->mark bit for the proxy's masquerade rule (mirrored as keel_ebpf::MARK_SNAT). */
 #define KEEL_MARK_SNAT 0x00400000
 #define IP_OFF ETH_HLEN
@@ -39,20 +36,6 @@
 #define IP_CSUM_OFF (IP_OFF + 10)
 #define IP_SRC_OFF (IP_OFF + 12)
 #define IP_DST_OFF (IP_OFF + 16)
-
-static __always_inline __u32 flow_hash(const struct keel_ct_key *k)
-{
-	/* Jenkins-style mix; stable per flow, which is all Maglev needs. */
-	__u32 h = k->saddr ^ (k->daddr * 0x9e3779b1u);
-
-	h ^= ((__u32)k->sport << 16 | k->dport) + 0x7f4a7c15u + (h << 6) + (h >> 2);
-	h ^= k->proto;
-	h *= 0x85ebca6bu;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35u;
-	h ^= h >> 16;
-	return h;
-}
 
 static __always_inline int rewrite(struct __sk_buff *skb, int l4_csum_off, int is_udp, int ip_off,
 				   __be32 old_ip, __be32 new_ip, int port_off, __be16 old_port,
@@ -74,45 +57,17 @@ static __always_inline int rewrite(struct __sk_buff *skb, int l4_csum_off, int i
 	return 0;
 }
 
-/* The flow of an IPv4 TCP/UDP packet without options or fragment offset; -1 for anything else. */
 static __always_inline int parse_flow(struct __sk_buff *skb, struct keel_ct_key *ct)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip;
-	__be16 *ports;
-
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return -1;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end || ip->ihl != 5)
-		return -1;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return -1;
-	if (ip->frag_off & bpf_htons(0x1fff))
-		return -1; /* later fragments carry no ports */
-	ports = (void *)(ip + 1);
-	if ((void *)(ports + 2) > data_end)
-		return -1;
-	ct->saddr = ip->saddr;
-	ct->daddr = ip->daddr;
-	ct->sport = ports[0];
-	ct->dport = ports[1];
-	ct->proto = ip->protocol;
-	return 0;
+	return np_parse_flow((void *)(long)skb->data, (void *)(long)skb->data_end, ct);
 }
 
 SEC("classifier")
 int keel_tc_nodeport(struct __sk_buff *skb)
 {
 	struct keel_ct_key ct = {};
+	struct np_target t = {};
 	struct keel_nat_val *nat;
-	struct keel_ct_val *cv;
-	struct keel_svc_key sk = {};
-	struct keel_svc_val *svc;
-	__be32 new_addr;
-	__be16 new_port;
 	int is_udp, csum_off;
 
 	if (parse_flow(skb, &ct))
@@ -129,69 +84,19 @@ int keel_tc_nodeport(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	cv = bpf_map_lookup_elem(&keel_ct, &ct);
-	if (cv) {
-		cv->last_seen_ns = bpf_ktime_get_ns();
-		new_addr = cv->backend_addr;
-		new_port = cv->backend_port;
-	} else {
-		struct keel_ct_val nv = {};
-		struct keel_ct_key rk = {};
-		struct keel_nat_val rv = {};
-		struct keel_l4addr *be = NULL;
-		struct keel_maglev_key mk = {};
-		__u32 *id, n, backend_id = 0;
-
-		__builtin_memcpy(sk.addr, &ct.daddr, 4);
-		sk.port = ct.dport;
-		sk.proto = ct.proto;
-		sk.family = KEEL_AF_INET;
-		svc = lb_lookup_service(&sk);
-		if (!svc)
-			return TC_ACT_OK;
-		n = svc->ready ? svc->ready : svc->terminating;
-		if (n == 0) {
-			lb_count(svc->svc_id, LB_STAT_REFUSED);
-			return reject(skb, is_udp);
-		}
-		if (svc->affinity_timeout || svc->ready == 0) {
-			/* Affinity (client = source address) and the terminating fallback share the
-			 * socket path's choice. */
-			be = lb_pick(svc, KEEL_TC_CLIENT_TAG | ct.saddr, &backend_id);
-		} else {
-			mk.svc_id = svc->svc_id;
-			mk.idx = flow_hash(&ct) % KEEL_MAGLEV_M;
-			id = bpf_map_lookup_elem(&keel_maglev, &mk);
-			if (id) {
-				backend_id = *id;
-				be = lb_backend(backend_id);
-			}
-		}
-		if (!be || be->family != KEEL_AF_INET) {
-			lb_count(svc->svc_id, LB_STAT_REFUSED);
-			return reject(skb, is_udp);
-		}
-		lb_count(svc->svc_id, LB_STAT_CONNECT);
-		__builtin_memcpy(&new_addr, be->addr, 4);
-		new_port = be->port;
-		nv.backend_addr = new_addr;
-		nv.backend_port = new_port;
-		nv.svc_id = svc->svc_id;
-		nv.last_seen_ns = bpf_ktime_get_ns();
-		bpf_map_update_elem(&keel_ct, &ct, &nv, BPF_ANY);
-		rk.saddr = new_addr;
-		rk.daddr = ct.saddr;
-		rk.sport = new_port;
-		rk.dport = ct.sport;
-		rk.proto = ct.proto;
-		rv.addr = ct.daddr;
-		rv.port = ct.dport;
-		bpf_map_update_elem(&keel_tc_revnat, &rk, &rv, BPF_ANY);
-		if (!(svc->flags & KEEL_SVC_F_LOCAL_ONLY))
-			skb->mark |= KEEL_MARK_SNAT;
+	switch (np_choose(&ct, &t, 0)) {
+	case NP_FORWARD:
+		break;
+	case NP_REJECT:
+		lb_count(t.svc_id, LB_STAT_REFUSED);
+		return reject(skb, is_udp);
+	default:
+		return TC_ACT_OK;
 	}
-	if (rewrite(skb, csum_off, is_udp, IP_DST_OFF, ct.daddr, new_addr, L4_OFF + 2, ct.dport,
-		    new_port))
+	if (t.created && (t.ct_flags & KEEL_CT_F_SNAT))
+		skb->mark |= KEEL_MARK_SNAT;
+	if (rewrite(skb, csum_off, is_udp, IP_DST_OFF, ct.daddr, t.addr, L4_OFF + 2, ct.dport,
+		    t.port))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }

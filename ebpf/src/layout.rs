@@ -13,6 +13,8 @@ pub const AF_INET6: u8 = 10;
 pub const SVC_F_NODEPORT: u32 = 1 << 0;
 pub const SVC_F_EXTERNAL_IP: u32 = 1 << 1;
 pub const SVC_F_LOCAL_ONLY: u32 = 1 << 2;
+/// `keel_ct_val.flags`: the flow is masqueraded by the stack, so only tc may forward it.
+pub const CT_F_SNAT: u16 = 1 << 0;
 
 pub const BE_F_TERMINATING: u8 = 1 << 0;
 
@@ -118,7 +120,8 @@ pub struct CtKey {
 pub struct CtVal {
     pub backend_addr: u32,
     pub backend_port: u16,
-    pub pad: u16,
+    /// `KEEL_CT_F_*` ([`CT_F_SNAT`]).
+    pub flags: u16,
     pub svc_id: u32,
     pub pad2: u32,
     pub last_seen_ns: u64,
@@ -313,7 +316,7 @@ mod tests {
             s!("keel_ct_val", CtVal),
             f!("keel_ct_val", CtVal, backend_addr),
             f!("keel_ct_val", CtVal, backend_port),
-            f!("keel_ct_val", CtVal, pad),
+            f!("keel_ct_val", CtVal, flags),
             f!("keel_ct_val", CtVal, svc_id),
             f!("keel_ct_val", CtVal, pad2),
             f!("keel_ct_val", CtVal, last_seen_ns),

@@ -24,6 +24,19 @@ pub const TC_PROGRAM: &str = "keel_tc_nodeport";
 /// The egress program in [`TC_OBJECT`] (reverse NAT of replies leaving the node).
 pub const TC_EGRESS_PROGRAM: &str = "keel_tc_revnat_egress";
 
+/// The XDP NodePort program (`keel_xdp_nodeport`: DNAT of externalTrafficPolicy=Local flows and
+/// forwarding by FIB lookup + redirect; everything else passed to tc) and `keel_xdp_pass`, built
+/// from c/xdp_nodeport.c. Shares the tc program's maps.
+pub static XDP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp_nodeport.o"));
+
+/// The NodePort program in [`XDP_OBJECT`], for the node's external interface.
+pub const XDP_PROGRAM: &str = "keel_xdp_nodeport";
+
+/// The XDP_PASS program in [`XDP_OBJECT`]: on the far end of a veth that native XDP redirects
+/// into (veth needs an XDP program on the receiving peer for that).
+pub const XDP_PASS_PROGRAM: &str = "keel_xdp_pass";
+
 /// The skb mark bit the tc program sets on flows to masquerade (`KEEL_MARK_SNAT`).
 pub const MARK_SNAT: u32 = 0x0040_0000;
 
@@ -52,6 +65,6 @@ pub mod map_names {
     pub const MAGLEV: &str = "keel_maglev";
     /// Every map the socket programs pin.
     pub const ALL: &[&str] = &[SERVICES, SLOTS, BACKENDS, SOCK_REVNAT, SOCK_AFFINITY, STATS];
-    /// The maps only the tc program adds.
+    /// The maps only the NodePort programs (tc and XDP) add.
     pub const TC: &[&str] = &[CT, TC_REVNAT, MAGLEV];
 }

@@ -7,8 +7,8 @@
 //! uninstall) and `maps` (the pinned maps) only; the API server through kube-rs in
 //! `kube_source`.
 //!
-//! Not here yet: SNAT for remote backends and XDP on the NodePort path (see
-//! docs/crates/proxy.md).
+//! The XDP NodePort program is attached apart from `Proxy::start` (`loader::install_xdp`, after
+//! it): `ProxyConfig` is built in other crates too, which a new field would break.
 
 pub mod kube_source;
 pub mod loader;
@@ -23,5 +23,5 @@ mod snat;
 pub mod sync;
 
 pub use kube_source::{ApiSource, Source, choose_source};
-pub use loader::{DEFAULT_BPFFS_DIR, LoaderError, default_cgroup};
+pub use loader::{DEFAULT_BPFFS_DIR, LoaderError, XdpAttach, default_cgroup, install_xdp};
 pub use proxy::{Proxy, ProxyConfig, ProxyError, uninstall};

@@ -7,15 +7,27 @@
 //! old link's pin, so no instant passes without a program on each hook (cgroup links run in
 //! multi mode; the old and new programs never both translate: the second one sees a backend
 //! address, not a service).
+//!
+//! The XDP NodePort program is pinned as `links/xdpdrv-<iface>` (native mode) or
+//! `links/xdpgeneric-<iface>` (generic mode, when the driver refuses native XDP). An interface
+//! holds one XDP link at a time, so a starting proxy takes over by replacing the program inside
+//! the pinned link (bpf_link_update: atomic, the mode stays).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aya::EbpfLoader;
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::programs::links::PinnedLink;
+use aya::programs::xdp::XdpLink;
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+};
 use aya::util::KernelVersion;
-use keel_ebpf::{SOCK_OBJECT, SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_OBJECT, TC_PROGRAM, map_names};
+use keel_ebpf::{
+    SOCK_OBJECT, SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_OBJECT, TC_PROGRAM, XDP_OBJECT, XDP_PROGRAM,
+    map_names,
+};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -65,6 +77,10 @@ pub enum LoaderError {
     Link { name: &'static str, reason: String },
     #[error("attach the tc program to {iface}: {reason}")]
     Tc { iface: String, reason: String },
+    #[error("attach the XDP program to {iface}: {reason}")]
+    Xdp { iface: String, reason: String },
+    #[error("the netlink thread for {0} panicked")]
+    Thread(&'static str),
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("pin link {path}")]
@@ -199,14 +215,23 @@ pub fn install_tc(
     if interfaces.is_empty() {
         return Ok(());
     }
+    in_netns(netns, TC_PROGRAM, || attach_tc(bpffs_dir, interfaces))
+}
+
+/// Runs `f` on a thread that entered the network namespace `netns` (None: the caller's):
+/// netlink and ifindex lookups talk to the calling thread's namespace.
+fn in_netns<T: Send>(
+    netns: Option<&Path>,
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, LoaderError> + Send,
+) -> Result<T, LoaderError> {
     let ns_file = match netns {
         Some(p) => Some(File::open(p).map_err(io("open netns", p))?),
         None => None,
     };
-    // Netlink talks to the calling thread's namespace: do the work on a thread that entered it.
     std::thread::scope(|scope| {
         scope
-            .spawn(|| -> Result<(), LoaderError> {
+            .spawn(|| -> Result<T, LoaderError> {
                 if let Some(f) = &ns_file {
                     rustix::thread::move_into_link_name_space(
                         std::os::fd::AsFd::as_fd(f),
@@ -214,10 +239,10 @@ pub fn install_tc(
                     )
                     .map_err(|e| io("enter netns", netns.unwrap_or(Path::new("?")))(e.into()))?;
                 }
-                attach_tc(bpffs_dir, interfaces)
+                f()
             })
             .join()
-            .unwrap_or_else(|_| Err(LoaderError::MissingProgram(TC_PROGRAM)))
+            .unwrap_or(Err(LoaderError::Thread(what)))
     })
 }
 
@@ -266,6 +291,129 @@ fn attach_tc(bpffs_dir: &Path, interfaces: &[String]) -> Result<(), LoaderError>
         }
     }
     Ok(())
+}
+
+/// How the XDP program runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// In the driver, before any skb exists.
+    Native,
+    /// In the stack (generic XDP, on an skb): the driver refused native mode.
+    Generic,
+}
+
+impl XdpAttach {
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            XdpAttach::Native => "xdpdrv",
+            XdpAttach::Generic => "xdpgeneric",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpAttach::Native => "native",
+            XdpAttach::Generic => "generic",
+        }
+    }
+}
+
+/// Loads the XDP NodePort program (sharing the pinned maps) and attaches it to each interface as
+/// a pinned bpf_link: native mode, else generic when the driver refuses; an interface that
+/// already has this proxy's pinned link gets the new program inside it (atomic, same mode).
+/// `netns`: the network namespace the interfaces live in (default: the proxy's own). Returns
+/// the mode of each interface, in order; each is also logged.
+pub fn install_xdp(
+    bpffs_dir: &Path,
+    interfaces: &[String],
+    netns: Option<&Path>,
+) -> Result<Vec<(String, XdpAttach)>, LoaderError> {
+    if interfaces.is_empty() {
+        return Ok(Vec::new());
+    }
+    ensure_bpffs(bpffs_dir)?;
+    in_netns(netns, XDP_PROGRAM, || attach_xdp(bpffs_dir, interfaces))
+}
+
+fn attach_xdp(
+    bpffs_dir: &Path,
+    interfaces: &[String],
+) -> Result<Vec<(String, XdpAttach)>, LoaderError> {
+    let name = XDP_PROGRAM;
+    let perr = |source: aya::programs::ProgramError| LoaderError::Program {
+        name,
+        source: Box::new(source),
+    };
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(bpffs_dir)
+        .load(XDP_OBJECT)
+        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(perr)?;
+    prog.load().map_err(perr)?;
+    let mut modes = Vec::new();
+    for iface in interfaces {
+        let xerr = |reason: String| LoaderError::Xdp {
+            iface: iface.clone(),
+            reason,
+        };
+        let links = bpffs_dir.join("links");
+        let pin_of = |m: XdpAttach| links.join(format!("{}-{iface}", m.pin_prefix()));
+        let existing = [XdpAttach::Native, XdpAttach::Generic]
+            .into_iter()
+            .find(|m| pin_of(*m).exists());
+        if let Some(mode) = existing {
+            let pin = pin_of(mode);
+            let replaced = PinnedLink::from_pin(&pin)
+                .map_err(|e| e.to_string())
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match replaced {
+                Ok(id) => {
+                    // The pin holds the link; only our fd goes.
+                    drop(prog.take_link(id).map_err(perr)?);
+                    tracing::info!(iface = %iface, mode = mode.as_str(), "XDP NodePort program replaced in the pinned link");
+                    modes.push((iface.clone(), mode));
+                    continue;
+                }
+                // A link whose interface went away (and came back) cannot be updated: attach
+                // afresh.
+                Err(e) => {
+                    tracing::warn!(iface = %iface, "stale XDP link {} ({e}): attaching afresh", pin.display());
+                    std::fs::remove_file(&pin).map_err(io("remove stale link pin", &pin))?;
+                }
+            }
+        }
+        let (mode, id) = match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => (XdpAttach::Native, id),
+            Err(aya::programs::ProgramError::UnknownInterface { name }) => {
+                return Err(xerr(format!("no interface {name}")));
+            }
+            Err(native) => {
+                tracing::warn!(iface = %iface, "native XDP refused ({native}); using generic XDP");
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|e| xerr(format!("native: {native}; generic: {e}")))?;
+                (XdpAttach::Generic, id)
+            }
+        };
+        let link: FdLink = prog.take_link(id).map_err(perr)?.try_into().map_err(
+            |e: aya::programs::links::LinkError| {
+                xerr(format!("no XDP bpf_link ({e}); needs Linux >= 5.9"))
+            },
+        )?;
+        let pin = pin_of(mode);
+        link.pin(&pin).map_err(|source| LoaderError::Pin {
+            path: pin.clone(),
+            source: Box::new(source),
+        })?;
+        tracing::info!(iface = %iface, mode = mode.as_str(), "XDP NodePort program attached");
+        modes.push((iface.clone(), mode));
+    }
+    Ok(modes)
 }
 
 /// Whether a proxy installation (any pin) exists under `bpffs_dir`.

@@ -326,3 +326,180 @@ fn nodeport_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
     keel_proxy::loader::uninstall(&cfg.bpffs_dir)?;
     Ok(())
 }
+
+/// Loads `keel_xdp_pass` and attaches it (native) to `dev` in `ns`; it stays while the returned
+/// object lives. Native XDP_REDIRECT into a veth delivers into the peer's NAPI, which the kernel
+/// only runs when the peer has an XDP program (or GRO on): this is that program.
+fn xdp_pass_on(ns: &NetnsGuard, dev: &'static str, bpffs_dir: &Path) -> Result<aya::Ebpf> {
+    let pins = bpffs_dir.to_owned();
+    in_netns(&ns.path(), move || -> Result<aya::Ebpf> {
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .load(keel_ebpf::XDP_OBJECT)?;
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(keel_ebpf::XDP_PASS_PROGRAM)
+            .context("keel_xdp_pass")?
+            .try_into()?;
+        prog.load()?;
+        prog.attach(dev, aya::programs::XdpMode::Driver)?;
+        Ok(ebpf)
+    })?
+}
+
+#[test]
+fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()> {
+    if !keel_testkit::privileged("xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack") {
+        return Ok(());
+    }
+    let root = StateRoot::new()?;
+    let pins = root.subdir("bpffs")?;
+    keel_testkit::run("mount", &["-t", "bpf", "bpf", pins.to_str().unwrap()])?;
+    let cgroup = CgroupGuard::new()?;
+    let ext = NetnsGuard::new()?;
+    let node = NetnsGuard::new()?;
+    let backend = NetnsGuard::new()?;
+    let _v1 = VethPair::between(&ext, "e0", &node, "n0")?;
+    let _v2 = VethPair::between(&node, "n1", &backend, "eth0")?;
+    ext.exec("ip", &["addr", "add", "10.88.0.1/24", "dev", "e0"])?;
+    ext.exec("ip", &["link", "set", "e0", "up"])?;
+    node.exec("ip", &["addr", "add", "10.88.0.2/24", "dev", "n0"])?;
+    node.exec("ip", &["addr", "add", "10.89.0.1/24", "dev", "n1"])?;
+    node.exec("ip", &["link", "set", "n0", "up"])?;
+    node.exec("ip", &["link", "set", "n1", "up"])?;
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    for k in [
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.n1.rp_filter=0",
+        "net.ipv4.conf.n1.accept_local=1",
+    ] {
+        node.exec("sysctl", &["-qw", k])?;
+    }
+    let backend_mac = "02:00:00:00:89:02";
+    backend.exec("ip", &["link", "set", "eth0", "address", backend_mac])?;
+    backend.exec("ip", &["addr", "add", "10.89.0.2/24", "dev", "eth0"])?;
+    backend.exec("ip", &["link", "set", "eth0", "up"])?;
+    backend.exec("ip", &["route", "add", "default", "via", "10.89.0.1"])?;
+    // The backend's neighbour entry exists from the start, so the FIB lookup succeeds for the
+    // first packet too (without it the first packets take the stack while ARP resolves).
+    node.exec(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            "10.89.0.2",
+            "lladdr",
+            backend_mac,
+            "dev",
+            "n1",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    // The node's stack forwards nothing from the client side: only the XDP program can get
+    // the client's packets to the backend. Replies (in through n1) are forwarded as usual.
+    node.exec("iptables", &["-A", "FORWARD", "-i", "n1", "-j", "ACCEPT"])?;
+    node.exec("iptables", &["-P", "FORWARD", "DROP"])?;
+    // The "wire" delivers complete checksums, as a NIC does: the XDP program updates checksums
+    // incrementally and cannot see a veth's CHECKSUM_PARTIAL.
+    in_netns(&ext.path(), || {
+        set_csum_offload("e0", ETHTOOL_STXCSUM, false)
+    })??;
+
+    let listener = in_netns(&backend.path(), || TcpListener::bind("0.0.0.0:8080"))??;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let _ = writeln!(conn, "backend sees {peer}");
+        }
+    });
+    let udp = in_netns(&backend.path(), || UdpSocket::bind("0.0.0.0:5353"))??;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("backend sees {from}").as_bytes(), from);
+        }
+    });
+
+    let manifests = root.path().join("svc.yaml");
+    std::fs::write(
+        &manifests,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: test}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.12\n  externalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, protocol: TCP, nodePort: 30080}\n  - {name: dns, port: 53, protocol: UDP, nodePort: 30081}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: test, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\nendpoints: [{addresses: [10.89.0.2]}]\n",
+    )?;
+    let cfg = ProxyConfig {
+        manifests,
+        cgroup: cgroup.v2_path().context("cgroup v2")?.to_owned(),
+        bpffs_dir: pins.join("keel"),
+        healthz_addr: "127.0.0.1:0".parse()?,
+        metrics_addr: None,
+        poll_interval: Duration::from_millis(50),
+        node: keel_proxy::model::NodeContext {
+            node_name: None,
+            node_ips: vec!["10.88.0.2".parse()?],
+        },
+        tc_interfaces: vec!["n0".into(), "n1".into()],
+        tc_netns: Some(node.path()),
+    };
+    let proxy = Proxy::start(cfg.clone())?;
+    let modes = keel_proxy::install_xdp(&cfg.bpffs_dir, &["n0".into()], Some(&node.path()))?;
+    assert_eq!(
+        modes,
+        vec![("n0".to_string(), keel_proxy::XdpAttach::Native)],
+        "veth has native XDP"
+    );
+    let _pass = xdp_pass_on(&backend, "eth0", &cfg.bpffs_dir)?;
+
+    let ask_tcp = || -> Result<String> {
+        in_netns(&ext.path(), || -> Result<String> {
+            let s =
+                TcpStream::connect_timeout(&"10.88.0.2:30080".parse()?, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line)?;
+            Ok(format!("{} via {}", line.trim(), s.peer_addr()?))
+        })?
+    };
+    let ask_udp = || -> Result<String> {
+        in_netns(&ext.path(), || -> Result<String> {
+            let s = UdpSocket::bind("10.88.0.1:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(b"ping", "10.88.0.2:30081")?;
+            let mut buf = [0u8; 128];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(format!("{} via {from}", String::from_utf8_lossy(&buf[..n])))
+        })?
+    };
+    for _ in 0..2 {
+        let got = ask_tcp()?;
+        assert!(
+            got.starts_with("backend sees 10.88.0.1:") && got.ends_with("via 10.88.0.2:30080"),
+            "TCP: client address preserved, replies from the NodePort: {got}"
+        );
+        let got = ask_udp()?;
+        assert!(
+            got.starts_with("backend sees 10.88.0.1:") && got.ends_with("via 10.88.0.2:30081"),
+            "UDP: client address preserved, reply from the NodePort: {got}"
+        );
+    }
+
+    // A restarted proxy replaces the program inside the pinned link, in the same mode.
+    let again = keel_proxy::install_xdp(&cfg.bpffs_dir, &["n0".into()], Some(&node.path()))?;
+    assert_eq!(again, modes);
+    assert!(ask_tcp()?.starts_with("backend sees 10.88.0.1:"));
+
+    proxy.stop();
+    let removed = keel_proxy::loader::uninstall(&cfg.bpffs_dir)?;
+    assert!(
+        removed.iter().any(|p| p.ends_with("links/xdpdrv-n0")),
+        "{removed:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.exec("ip", &["link", "show", "n0"])?.contains("xdp") {
+        assert!(
+            Instant::now() < deadline,
+            "after uninstall n0 still has an XDP program"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}

@@ -7,29 +7,24 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use keel_ebpf::{
     CtKey, CtVal, IPPROTO_TCP, IPPROTO_UDP, KEEL_MAGLEV_M, L4Addr, MaglevKey, SVC_F_NODEPORT,
-    SlotKey, SvcKey, SvcStats, SvcVal, TC_OBJECT, TC_PROGRAM, map_names,
+    SvcKey, SvcStats, TC_OBJECT, TC_PROGRAM, map_names,
 };
 use keel_proxy::maglev;
 use keel_testkit::StateRoot;
 
+#[path = "support/prog_test.rs"]
+mod prog_test;
+use prog_test::*;
+
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
-const ACK: u8 = 0x10;
 
 struct Harness {
     ebpf: Ebpf,
@@ -59,45 +54,14 @@ impl Harness {
     /// One service with `backends` (slots + Maglev table) and optional affinity.
     fn service(&mut self, svc_id: u32, port: u16, proto: u8, backends: &[L4Addr], affinity: u32) {
         let key = SvcKey::new(VIP.into(), port, proto);
-        for (i, be) in backends.iter().enumerate() {
-            let id = svc_id * 1000 + i as u32;
-            self.map::<u32, L4Addr>(map_names::BACKENDS)
-                .insert(id, be, 0)
-                .unwrap();
-            self.map::<SlotKey, u32>(map_names::SLOTS)
-                .insert(
-                    SlotKey {
-                        svc_id,
-                        slot: i as u32,
-                    },
-                    id,
-                    0,
-                )
-                .unwrap();
-        }
-        let t = maglev::table(backends, KEEL_MAGLEV_M as usize);
-        let mut mg = self.map::<MaglevKey, u32>(map_names::MAGLEV);
-        for (idx, b) in t.iter().enumerate() {
-            mg.insert(
-                MaglevKey {
-                    svc_id,
-                    idx: idx as u32,
-                },
-                svc_id * 1000 + *b as u32,
-                0,
-            )
-            .unwrap();
-        }
-        let val = SvcVal {
+        prog_test::service(
+            &mut self.ebpf,
+            key,
             svc_id,
-            ready: backends.len() as u16,
-            terminating: 0,
-            affinity_timeout: affinity,
-            flags: SVC_F_NODEPORT,
-        };
-        self.map::<SvcKey, SvcVal>(map_names::SERVICES)
-            .insert(key, val, 0)
-            .unwrap();
+            backends,
+            affinity,
+            SVC_F_NODEPORT,
+        );
     }
 
     fn clear_conntrack(&mut self) {
@@ -117,145 +81,8 @@ impl Harness {
     /// Runs the program once on `pkt`; returns (verdict, packet after the program).
     fn run(&self, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
         let prog: &SchedClassifier = self.ebpf.program(TC_PROGRAM).unwrap().try_into()?;
-        let fd = prog.fd()?.as_fd().as_raw_fd();
-        let mut out = vec![0u8; pkt.len() + 256];
-        let mut attr = TestRunAttr {
-            prog_fd: fd as u32,
-            data_size_in: pkt.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: pkt.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ..Default::default()
-        };
-        // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN; data_in/data_out point
-        // to live buffers of the sizes given, which outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                10, /* BPF_PROG_TEST_RUN */
-                &mut attr as *mut TestRunAttr,
-                std::mem::size_of::<TestRunAttr>(),
-            )
-        };
-        if rc != 0 {
-            bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-        }
-        out.truncate(attr.data_size_out as usize);
-        Ok((attr.retval, out))
+        prog_test::test_run(prog.fd()?.as_fd().as_raw_fd(), pkt)
     }
-}
-
-/// `bpf_attr.test` of BPF_PROG_TEST_RUN.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-fn csum(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn pseudo(pkt: &[u8]) -> u32 {
-    let ip = &pkt[14..34];
-    let l4len = pkt.len() - 34;
-    let mut s = 0u32;
-    for c in ip[12..20].chunks(2) {
-        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    s + u32::from(ip[9]) + l4len as u32
-}
-
-/// The TCP header fields a test sets: flags, sequence and acknowledgment numbers.
-#[derive(Clone, Copy)]
-struct Tcp {
-    flags: u8,
-    seq: u32,
-    ack: u32,
-}
-
-/// Ethernet + IPv4 + TCP (SYN) or UDP with valid checksums and a small payload.
-fn packet(proto: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    let syn = Tcp {
-        flags: SYN,
-        seq: 0,
-        ack: 0,
-    };
-    l4_packet(proto, (src, sport), (dst, dport), syn, b"hello")
-}
-
-/// Ethernet (client -> node) + IPv4 + TCP (`tcp`'s fields) or UDP, valid checksums.
-fn l4_packet(
-    proto: u8,
-    (src, sport): (Ipv4Addr, u16),
-    (dst, dport): (Ipv4Addr, u16),
-    tcp: Tcp,
-    payload: &[u8],
-) -> Vec<u8> {
-    let l4len = if proto == IPPROTO_TCP { 20 } else { 8 } + payload.len();
-    let mut p = vec![0u8; 14 + 20 + l4len];
-    p[0..6].copy_from_slice(&NODE_MAC);
-    p[6..12].copy_from_slice(&CLIENT_MAC);
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut p[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + l4len) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let c = csum(&p[14..34], 0);
-    p[24..26].copy_from_slice(&c.to_be_bytes());
-    p[34..36].copy_from_slice(&sport.to_be_bytes());
-    p[36..38].copy_from_slice(&dport.to_be_bytes());
-    if proto == IPPROTO_TCP {
-        p[38..42].copy_from_slice(&tcp.seq.to_be_bytes());
-        p[42..46].copy_from_slice(&tcp.ack.to_be_bytes());
-        p[46] = 5 << 4;
-        p[47] = tcp.flags;
-        p[48..50].copy_from_slice(&64240u16.to_be_bytes());
-        p[54..].copy_from_slice(payload);
-    } else {
-        p[38..40].copy_from_slice(&(l4len as u16).to_be_bytes());
-        p[42..].copy_from_slice(payload);
-    }
-    let off = if proto == IPPROTO_TCP { 50 } else { 40 };
-    let c = csum(&p[34..], pseudo(&p));
-    p[off..off + 2].copy_from_slice(&c.to_be_bytes());
-    p
-}
-
-fn addrs(p: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
-    let ip = |o: usize| Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
-    let port = |o: usize| u16::from_be_bytes([p[o], p[o + 1]]);
-    ((ip(26), port(34)), (ip(30), port(36)))
-}
-
-fn assert_checksums(p: &[u8]) {
-    assert_eq!(csum(&p[14..34], 0), 0, "IPv4 header checksum");
-    assert_eq!(csum(&p[34..], pseudo(p)), 0, "L4 checksum");
 }
 
 fn be(i: u8) -> L4Addr {

@@ -52,6 +52,13 @@ pub struct ProxyArgs {
     /// repeatable.
     #[arg(long = "tc-iface")]
     pub tc_interfaces: Vec<String>,
+    /// External interface that also gets the XDP NodePort fast path (native/driver mode, else
+    /// generic; the mode is logged); repeatable. It forwards externalTrafficPolicy=Local flows
+    /// straight to the backend's interface (FIB lookup + redirect) and passes everything else
+    /// (Cluster policy, which needs masquerade; no backends; replies) to the tc program, so give
+    /// the interface to --tc-iface too.
+    #[arg(long = "xdp-iface")]
+    pub xdp_interfaces: Vec<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -102,6 +109,15 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         keel_proxy::Source::Manifests(m) => m.clone(),
         keel_proxy::Source::Api(_) => PathBuf::new(),
     };
+    let bpffs_dir = args.bpffs_dir.clone();
+    for iface in &args.xdp_interfaces {
+        if !args.tc_interfaces.contains(iface) {
+            eprintln!(
+                "keel proxy: warning: --xdp-iface {iface} without --tc-iface {iface}: its \
+                 Cluster-policy NodePort flows, rejects and replies get no tc program"
+            );
+        }
+    }
     let cfg = keel_proxy::ProxyConfig {
         manifests,
         cgroup,
@@ -120,6 +136,12 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         keel_proxy::Source::Manifests(_) => keel_proxy::Proxy::start(cfg)?,
         keel_proxy::Source::Api(api) => keel_proxy::Proxy::start_api(cfg, api)?,
     };
+    for (iface, mode) in keel_proxy::install_xdp(&bpffs_dir, &args.xdp_interfaces, None)? {
+        eprintln!(
+            "keel proxy: XDP NodePort program on {iface} ({} mode)",
+            mode.as_str()
+        );
+    }
     eprintln!(
         "keel proxy: serving; /healthz on {}{}",
         proxy.healthz_addr(),

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Map definitions of the tc NodePort path (layouts in maps.h): conntrack, reverse NAT and Maglev
- * tables. Only tc programs include this. ClientIP affinity shares keel_sock_affinity, with the
+ * Map definitions of the NodePort path (layouts in maps.h): conntrack, reverse NAT and Maglev
+ * tables. Only the tc and XDP NodePort programs include this (via nodeport.h). ClientIP affinity shares keel_sock_affinity, with the
  * client's address tagged by bit 63 (socket-level clients are netns cookies, far below it).
  */
 #ifndef KEEL_CONNTRACK_H

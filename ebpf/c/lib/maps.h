@@ -96,7 +96,7 @@ struct keel_svc_stats {
 	__u64 refused;    /* no backend: connect refused */
 };
 
-/* --- tc NodePort path (IPv4): conntrack, reverse NAT, Maglev --- */
+/* --- NodePort path (tc and XDP, IPv4): conntrack, reverse NAT, Maglev --- */
 
 /* Maglev lookup table size per service (prime). */
 #define KEEL_MAGLEV_M 1021
@@ -112,11 +112,14 @@ struct keel_ct_key {
 	__u8 pad[3];
 };
 
+/* keel_ct_val.flags */
+#define KEEL_CT_F_SNAT (1u << 0) /* the flow is masqueraded by the stack: only tc may forward it */
+
 /* Conntrack: the backend a flow was sent to. */
 struct keel_ct_val {
 	__be32 backend_addr;
 	__be16 backend_port;
-	__u16 pad;
+	__u16 flags;  /* KEEL_CT_F_* */
 	__u32 svc_id;
 	__u32 pad2;
 	__u64 last_seen_ns;
