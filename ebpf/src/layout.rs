@@ -361,7 +361,9 @@ mod tests {
 
     #[test]
     fn object_holds_every_program() {
-        assert_eq!(&SOCK_OBJECT_MAGIC[..], &crate::SOCK_OBJECT[..4]);
+        for obj in [crate::SOCK_OBJECT, crate::TC_OBJECT, crate::XDP_OBJECT] {
+            assert_eq!(&SOCK_OBJECT_MAGIC[..], &obj[..4]);
+        }
     }
 
     const SOCK_OBJECT_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
