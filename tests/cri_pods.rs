@@ -1300,3 +1300,111 @@ async fn ten_pods_survive_a_sigkill_of_the_daemon() {
         mounted_under(node.root())
     );
 }
+
+/// An HTTP GET of `/index.html` at `addr` made from inside the node's network namespace (a
+/// thread enters it and ends): the answer, or the connect error.
+fn http_get_in(netns: &Path, addr: &str) -> Result<String, std::io::Error> {
+    let (netns, addr) = (netns.to_owned(), addr.to_owned());
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns)?;
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&ns),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        use std::io::{Read, Write};
+        let mut conn =
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        conn.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .unwrap()
+}
+
+/// A pod's hostPort through the CRI: RunPodSandbox passes the port mappings to a chained
+/// plugin that declares the `portMappings` capability (Debian's reference `portmap`, after
+/// keel-cni), so the node's address and the host port reach the container; StopPodSandbox's
+/// CNI DEL removes the mapping again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_port_reaches_the_container_through_a_chained_portmap_plugin() {
+    if !privileged("host_port_reaches_the_container_through_a_chained_portmap_plugin") {
+        return;
+    }
+    let portmap = Path::new("/usr/lib/cni/portmap");
+    assert!(
+        portmap.exists(),
+        "{} missing: apt-get install containernetworking-plugins (cargo xtask setup does)",
+        portmap.display()
+    );
+    let mut node = Node::new();
+    node.install_cni("10.204.0.0/24");
+    std::fs::copy(portmap, node.bin_dir().join("portmap")).unwrap();
+    let file = std::fs::read_dir(node.conf_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "conflist"))
+        .unwrap();
+    let mut list: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    list["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ));
+    std::fs::write(&file, list.to_string()).unwrap();
+    let mut rt = node.start().await;
+    let logs = node.root().join("logs");
+    let mut cfg = pod_config("hostport", &logs);
+    cfg.port_mappings = vec![api::PortMapping {
+        protocol: api::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: 18080,
+        host_ip: String::new(),
+    }];
+    let pod = run_pod(&mut rt, cfg).await;
+    let web = create(
+        &mut rt,
+        &pod,
+        ctr_config(
+            "web",
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /tmp/www && echo hello-through-hostport > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+            ],
+        ),
+    )
+    .await;
+    start(&mut rt, &web).await;
+    // The bridge's address is one of the node's own: portmap's OUTPUT rule DNATs it.
+    let netns = node.netns().path().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        match http_get_in(&netns, "10.204.0.1:18080") {
+            Ok(a) if a.contains("hello-through-hostport") => break a,
+            other => {
+                assert!(Instant::now() < deadline, "hostPort 18080: {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(answer.starts_with("HTTP/1."), "{answer}");
+    rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    let e = http_get_in(&netns, "10.204.0.1:18080").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(pods_listed(&mut rt, Default::default()).await.is_empty());
+}
