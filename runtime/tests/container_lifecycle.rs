@@ -47,6 +47,14 @@ fn main() -> std::process::ExitCode {
             exec_on_a_terminal_with_stdin_and_resize,
         ),
         ("exec_with_piped_stdin", exec_with_piped_stdin),
+        (
+            "attach_writes_stdin_and_reads_output",
+            attach_writes_stdin_and_reads_output,
+        ),
+        (
+            "attach_to_a_terminal_container_sizes_it",
+            attach_to_a_terminal_container_sizes_it,
+        ),
     ])
 }
 
@@ -363,5 +371,82 @@ fn exec_with_piped_stdin() -> anyhow::Result<()> {
         .read_to_string(&mut out)?;
     ensure!(out == "HELLO KEEL\n", "{out:?}");
     ensure!(p.wait()? == 3);
+    Ok(())
+}
+
+/// Reads attach frames from `sock` until the output (both streams) contains `want`.
+fn attached_until(
+    sock: &mut std::os::unix::net::UnixStream,
+    seen: &mut String,
+    want: &str,
+) -> anyhow::Result<()> {
+    use keel_runtime::container::container_attach::take_frames;
+    use std::io::Read;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !seen.contains(want) {
+        let n = sock
+            .read(&mut chunk)
+            .with_context(|| format!("no {want:?} in {seen:?}"))?;
+        ensure!(n > 0, "attach closed without {want:?}: {seen:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        for (_, data) in take_frames(&mut buf).map_err(anyhow::Error::msg)? {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    Ok(())
+}
+
+fn attach_writes_stdin_and_reads_output() -> anyhow::Result<()> {
+    use keel_runtime::container::container_attach::{CLOSE_STDIN, STDIN, frame};
+    use std::io::Write;
+    let env = Env::new()?;
+    let mut cfg = env.sh("echo ready; tr a-z A-Z; echo done >&2");
+    cfg.stdin = true;
+    let id = env.run(&cfg)?;
+    let mut sock = env.rt.attach(&id)?;
+    let mut seen = String::new();
+    sock.write_all(&frame(STDIN, b"through attach\n"))?;
+    attached_until(&mut sock, &mut seen, "THROUGH ATTACH")?;
+    sock.write_all(&frame(CLOSE_STDIN, b""))?;
+    attached_until(&mut sock, &mut seen, "done")?;
+    let exit = env
+        .rt
+        .wait(&id, Some(Duration::from_secs(10)))?
+        .context("no exit")?;
+    ensure!(exit.exit_code == 0, "{exit:?}");
+    // The log has it all the same.
+    let log = std::fs::read_to_string(env.rt.status(&id)?.record.log_path)?;
+    ensure!(log.contains("THROUGH ATTACH"), "{log}");
+    // Without stdin or tty there is nothing to attach to.
+    let plain = env.run(&env.sh("sleep 30"))?;
+    ensure!(env.rt.attach(&plain).is_err());
+    Ok(())
+}
+
+fn attach_to_a_terminal_container_sizes_it() -> anyhow::Result<()> {
+    use keel_runtime::container::container_attach::{RESIZE, STDIN, frame, size};
+    use std::io::Write;
+    let env = Env::new()?;
+    let mut cfg = env.sh("");
+    cfg.command = vec!["sh".into()];
+    cfg.stdin = true;
+    cfg.tty = true;
+    let id = env.run(&cfg)?;
+    let mut sock = env.rt.attach(&id)?;
+    sock.write_all(&frame(RESIZE, &size(90, 30)))?;
+    sock.write_all(&frame(STDIN, b"tty; stty size; echo $TERM; exit 3\n"))?;
+    let mut seen = String::new();
+    attached_until(&mut sock, &mut seen, "30 90")?;
+    let exit = env
+        .rt
+        .wait(&id, Some(Duration::from_secs(10)))?
+        .context("no exit")?;
+    ensure!(exit.exit_code == 3, "{exit:?}: {seen:?}");
+    ensure!(
+        seen.contains("/dev/pts/") && seen.contains("xterm"),
+        "{seen:?}"
+    );
     Ok(())
 }

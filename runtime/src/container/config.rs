@@ -44,6 +44,13 @@ pub struct ContainerConfig {
     pub stop_signal: Option<String>,
     /// cgroup parent (relative to each hierarchy's root) overriding the runtime's.
     pub cgroup_parent: Option<String>,
+    /// Keep the container's stdin open for attach (CRI `stdin`); without it stdin is
+    /// /dev/null.
+    pub stdin: bool,
+    /// Close that stdin when the first attached client leaves (CRI `stdin_once`).
+    pub stdin_once: bool,
+    /// Run the init on a terminal (CRI `tty`): its output is the terminal's, logged as stdout.
+    pub tty: bool,
     /// The pod sandbox this container belongs to (set by `PodRuntime::create_container`,
     /// which also points `namespaces`, `cgroup_parent` and the /etc mounts at the pod).
     pub pod_id: Option<String>,

@@ -25,6 +25,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use serde::{Deserialize, Serialize};
 
 use super::state::{read_json, write_json};
+use super::tty::{ConsoleSocket, send_fd};
 use super::{ContainerError, ContainerRuntime, Status};
 
 /// First argument of an exec helper invocation.
@@ -283,7 +284,11 @@ impl Helper<'_> {
             .with_root_path(self.run)
             .map_err(|e| format!("run dir: {e}"))?;
         let console = if self.tty {
-            let console = ConsoleSocket::bind(self.status_file)?;
+            let dir = self
+                .status_file
+                .parent()
+                .ok_or("status file has no directory")?;
+            let console = ConsoleSocket::bind(dir)?;
             builder = builder.with_console_socket(Some(&console.path));
             Some(console)
         } else {
@@ -302,7 +307,7 @@ impl Helper<'_> {
             .map_err(|e| format!("exec: {e}"))?;
         if let Some(console) = console {
             let master = console.receive();
-            if let Err(e) = master.and_then(send_fd) {
+            if let Err(e) = master.and_then(|m| send_fd(1, m)) {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = nix::sys::wait::waitpid(pid, None);
                 return Err(e);
@@ -363,100 +368,4 @@ impl Helper<'_> {
             error: None,
         })
     }
-}
-
-/// The unix socket libcontainer's init sends the terminal's master to. Bound under a short
-/// relative name in the status file's directory (a socket path may not exceed 107 bytes; the
-/// container directory may be longer), then given to libcontainer by its full path.
-struct ConsoleSocket {
-    listener: std::os::unix::net::UnixListener,
-    path: PathBuf,
-}
-
-impl ConsoleSocket {
-    fn bind(status_file: &Path) -> Result<ConsoleSocket, String> {
-        let dir = status_file.parent().ok_or("status file has no directory")?;
-        let name = format!("tty-{:08x}.sock", rand::random::<u32>());
-        // The helper is single-threaded here: changing its directory is safe.
-        let prev = std::env::current_dir().map_err(|e| format!("current dir: {e}"))?;
-        std::env::set_current_dir(dir).map_err(|e| format!("chdir {}: {e}", dir.display()))?;
-        let bound = std::os::unix::net::UnixListener::bind(&name);
-        let _ = std::env::set_current_dir(prev);
-        let listener = bound.map_err(|e| format!("console socket in {}: {e}", dir.display()))?;
-        Ok(ConsoleSocket {
-            listener,
-            path: dir.join(name),
-        })
-    }
-
-    /// The master the init sent (it did before `build` returned; a short wait covers a lost
-    /// race all the same).
-    fn receive(&self) -> Result<OwnedFd, String> {
-        let _ = self.listener.set_nonblocking(true);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match self.listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err("the container sent no terminal within 10 s".into());
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(format!("console socket: {e}")),
-            }
-        };
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-        recv_fd(stream.as_fd()).map_err(|e| format!("receive the terminal: {e}"))
-    }
-}
-
-impl Drop for ConsoleSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Sends `fd` over the helper's stdout (a unix socket in tty mode) to the caller.
-fn send_fd(fd: OwnedFd) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let fds = [fd.as_raw_fd()];
-    let iov = [std::io::IoSlice::new(b"pty")];
-    nix::sys::socket::sendmsg::<()>(
-        1,
-        &iov,
-        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
-        nix::sys::socket::MsgFlags::empty(),
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("send the terminal to the caller: {e}"))
-}
-
-/// Receives one fd sent with `SCM_RIGHTS` on `sock`.
-pub(super) fn recv_fd(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let mut buf = [0u8; 16];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = nix::sys::socket::recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(std::io::Error::from)?;
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c
-            && let Some(&fd) = fds.first()
-        {
-            // SAFETY: the kernel just installed `fd` in this process for us; nobody else owns it.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::UnexpectedEof,
-        "no file descriptor in the message (the sender went away)",
-    ))
 }

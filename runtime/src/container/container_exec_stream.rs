@@ -12,7 +12,8 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Stdio};
 use std::time::Duration;
 
-use super::container_exec::{recv_fd, take_helper_status};
+use super::container_exec::take_helper_status;
+use super::tty::recv_fd;
 use super::{ContainerError, ContainerRuntime};
 
 /// How an exec's stdio is connected.

@@ -16,6 +16,7 @@
 
 pub mod cgroups;
 pub mod config;
+pub mod container_attach;
 pub mod container_create;
 pub mod container_exec;
 pub mod container_exec_stream;
@@ -33,6 +34,7 @@ pub mod seccomp;
 pub mod spec;
 pub mod state;
 pub mod sys;
+mod tty;
 pub mod user;
 
 use std::path::{Path, PathBuf};

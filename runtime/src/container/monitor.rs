@@ -12,8 +12,9 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,9 +27,11 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::cgroups;
+use super::container_attach::{self as attach, SOCKET};
 use super::crilog::{CriLogWriter, Stream};
 use super::state::{ContainerRecord, ExitRecord, Paths, RunState, read_json, write_json};
 use super::sys::ProcessId;
+use super::tty::{ConsoleSocket, bind_in};
 
 /// First argument of a monitor invocation.
 pub const MONITOR_ARG: &str = "__monitor";
@@ -45,7 +48,7 @@ pub const WATCH_ARG: &str = "__watch";
 /// Version of the watch arguments. A watcher that gets another version (a stale binary next
 /// to a newer keel) hands the process back to the monitor's own executable, which runs the
 /// loop itself.
-pub const WATCH_PROTOCOL: &str = "1";
+pub const WATCH_PROTOCOL: &str = "2";
 
 /// The dedicated watcher binary (`runtime/src/bin/keel-monitor.rs`), looked up next to the
 /// monitor's executable (and, for cargo's test binaries in `deps/`, one directory up), or
@@ -128,19 +131,28 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-/// The watch loop's entry, in the process the monitor re-executed:
-/// `<protocol> <monitor exe> <containers dir> <run dir> <id> <init pid> <stdout fd> <stderr fd>`.
+/// The watch loop's entry, in the process the monitor re-executed: `<protocol> <monitor exe>
+/// <containers dir> <run dir> <id> <init pid> <stdout fd> <stderr fd> <input fd> <attach
+/// socket fd>`, a `-` for a descriptor there is none of.
 pub fn watch_main(args: &[String]) -> i32 {
-    let [protocol, monitor_exe, containers, run, id, init, out, err] = args else {
-        eprintln!("usage: {WATCH_ARG} PROTOCOL MONITOR_EXE CONTAINERS_DIR RUN_DIR ID PID FD FD");
-        return 2;
-    };
-    if protocol != WATCH_PROTOCOL {
+    if args.first().map(String::as_str) != Some(WATCH_PROTOCOL) {
+        let (Some(protocol), Some(monitor_exe), Some(id)) =
+            (args.first(), args.get(1), args.get(4))
+        else {
+            eprintln!("usage: {WATCH_ARG} PROTOCOL MONITOR_EXE ...");
+            return 2;
+        };
         // Not our arguments: the monitor that spawned us knows them.
         let e = exec(Path::new(monitor_exe), WATCH_ARG, args);
         eprintln!("monitor {id}: watch protocol {protocol}, and exec {monitor_exe}: {e}");
         return 1;
     }
+    let [_, _, containers, run, id, init, out, err, input, listener] = args else {
+        eprintln!(
+            "usage: {WATCH_ARG} {WATCH_PROTOCOL} MONITOR_EXE CONTAINERS_DIR RUN_DIR ID PID FD FD FD FD"
+        );
+        return 2;
+    };
     let paths = Paths {
         containers: PathBuf::from(containers),
         run: PathBuf::from(run),
@@ -151,13 +163,17 @@ pub fn watch_main(args: &[String]) -> i32 {
         // read ends, without close-on-exec) and nothing else in this process owns them.
         (n > 2).then(|| unsafe { OwnedFd::from_raw_fd(n) })
     };
-    let (Some(init), Some(out), Some(err)) =
-        (init.parse().ok().map(Pid::from_raw), fd(out), fd(err))
-    else {
+    let Some(init) = init.parse().ok().map(Pid::from_raw) else {
         eprintln!("monitor {id}: bad watch arguments {args:?}");
         return 2;
     };
-    match Monitor::resume(&paths, id, init, out, err) {
+    let io = Stdio {
+        stdout: fd(out),
+        stderr: fd(err),
+        input: fd(input),
+        listener: fd(listener).map(UnixListener::from),
+    };
+    match Monitor::resume(&paths, id, init, io) {
         Ok(m) => {
             release_startup_pages();
             m.run();
@@ -277,10 +293,30 @@ struct Monitor {
     paths: Paths,
     record: ContainerRecord,
     init: Pid,
+    /// The container's stdout pipe, or its terminal's master.
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// Where attached clients' stdin goes: the stdin pipe, or (a copy of) the master.
+    input: Option<OwnedFd>,
+    /// The attach socket (containers with stdin or a tty; see `container_attach.rs`).
+    listener: Option<UnixListener>,
+    clients: Vec<Client>,
     signals: SignalFd,
     log: Option<CriLogWriter>,
+}
+
+/// The container's side of the monitor's descriptors, handed to the watcher.
+struct Stdio {
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    input: Option<OwnedFd>,
+    listener: Option<UnixListener>,
+}
+
+/// An attached client and what it sent that is not a whole frame yet.
+struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
 }
 
 /// Whether a process with the init's pid still exists (zombie included: it is ours to reap).
@@ -336,9 +372,7 @@ impl Monitor {
         let record: ContainerRecord = read_json(&paths.record(id))
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("container {id}: no record"))?;
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        let stdin = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+        let cfg = &record.config;
         if let Some(parent) = record.log_path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
@@ -347,12 +381,45 @@ impl Monitor {
         std::fs::create_dir_all(&paths.run)
             .map_err(|e| format!("create run dir {}: {e}", paths.run.display()))?;
 
-        let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        let dir = paths.dir(id);
+        let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
             .with_root_path(&paths.run)
-            .map_err(|e| format!("run dir: {e}"))?
-            .with_stdin(stdin)
-            .with_stdout(out_w)
-            .with_stderr(err_w)
+            .map_err(|e| format!("run dir: {e}"))?;
+        // A terminal, or pipes (stdin: /dev/null, or a pipe when attach may write it).
+        let mut console = None;
+        let (mut stdout, mut stderr, mut input) = (None, None, None);
+        if cfg.tty {
+            let c = ConsoleSocket::bind(&dir)?;
+            builder = builder.with_console_socket(Some(&c.path));
+            console = Some(c);
+        } else {
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            let stdin: OwnedFd = if cfg.stdin {
+                let (in_r, in_w) = pipe()?;
+                input = Some(in_w);
+                in_r
+            } else {
+                File::open("/dev/null")
+                    .map_err(|e| format!("open /dev/null: {e}"))?
+                    .into()
+            };
+            builder = builder
+                .with_stdin(stdin)
+                .with_stdout(out_w)
+                .with_stderr(err_w);
+            (stdout, stderr) = (Some(out_r), Some(err_r));
+        }
+        let listener = if cfg.stdin || cfg.tty {
+            let _ = std::fs::remove_file(dir.join(SOCKET));
+            let l = bind_in(&dir, SOCKET)?;
+            l.set_nonblocking(true)
+                .map_err(|e| format!("attach socket: {e}"))?;
+            Some(l)
+        } else {
+            None
+        };
+        let container = builder
             .validate_id()
             .map_err(|e| format!("container id: {e}"))?
             .as_init(paths.bundle(id))
@@ -362,9 +429,20 @@ impl Monitor {
             .build()
             .map_err(|e| {
                 // libcontainer's init reports the cause on the container's stderr.
-                let detail = drain(&err_r);
+                let detail = stderr.as_ref().map(drain).unwrap_or_default();
                 format!("create container: {e}: {}", detail.trim())
             })?;
+        if let Some(c) = console {
+            let master = c.receive()?;
+            if cfg.stdin {
+                input = Some(
+                    master
+                        .try_clone()
+                        .map_err(|e| format!("dup terminal: {e}"))?,
+                );
+            }
+            stdout = Some(master);
+        }
         let init = container
             .pid()
             .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
@@ -382,22 +460,19 @@ impl Monitor {
             paths: paths.clone(),
             record,
             init,
-            stdout: Some(out_r),
-            stderr: Some(err_r),
+            stdout,
+            stderr,
+            input,
+            listener,
+            clients: Vec::new(),
             signals,
             log: Some(log),
         })
     }
 
     /// The monitor again after it re-executed itself as the watcher: the container exists,
-    /// its run state is written, `init` is our child and `stdout`/`stderr` its pipes.
-    fn resume(
-        paths: &Paths,
-        id: &str,
-        init: Pid,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
-    ) -> Result<Monitor, String> {
+    /// its run state is written, `init` is our child and `io` its stdio.
+    fn resume(paths: &Paths, id: &str, init: Pid, io: Stdio) -> Result<Monitor, String> {
         let record: ContainerRecord = read_json(&paths.record(id))
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("container {id}: no record"))?;
@@ -407,8 +482,11 @@ impl Monitor {
             paths: paths.clone(),
             record,
             init,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
+            stdout: io.stdout,
+            stderr: io.stderr,
+            input: io.input,
+            listener: io.listener,
+            clients: Vec::new(),
             signals: signals()?,
             log: Some(log),
         })
@@ -420,16 +498,20 @@ impl Monitor {
         let Some(watcher) = watcher_path() else {
             return Ok(());
         };
-        let (Some(out), Some(err)) = (&self.stdout, &self.stderr) else {
-            return Ok(());
-        };
-        for fd in [out, err] {
+        let fds: [Option<i32>; 4] = [
+            self.stdout.as_ref().map(|f| f.as_raw_fd()),
+            self.stderr.as_ref().map(|f| f.as_raw_fd()),
+            self.input.as_ref().map(|f| f.as_raw_fd()),
+            self.listener.as_ref().map(|f| f.as_raw_fd()),
+        ];
+        for fd in fds.iter().flatten() {
             nix::fcntl::fcntl(
-                fd.as_raw_fd(),
+                *fd,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
             )
             .map_err(|e| format!("clear close-on-exec: {e}"))?;
         }
+        let arg = |fd: Option<i32>| fd.map(|f| f.to_string()).unwrap_or_else(|| "-".into());
         let me = std::fs::read_link("/proc/self/exe").map_err(|e| format!("own exe: {e}"))?;
         let args = [
             WATCH_PROTOCOL.to_string(),
@@ -438,13 +520,15 @@ impl Monitor {
             self.paths.run.to_string_lossy().into_owned(),
             self.record.id.clone(),
             self.init.as_raw().to_string(),
-            out.as_raw_fd().to_string(),
-            err.as_raw_fd().to_string(),
+            arg(fds[0]),
+            arg(fds[1]),
+            arg(fds[2]),
+            arg(fds[3]),
         ];
         let e = exec(&watcher, WATCH_ARG, &args);
-        for fd in [out, err] {
+        for fd in fds.iter().flatten() {
             let _ = nix::fcntl::fcntl(
-                fd.as_raw_fd(),
+                *fd,
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
             );
         }
@@ -470,10 +554,83 @@ impl Monitor {
             Ok(0) => false,
             Ok(n) => {
                 self.write_log(stream, &buf[..n]);
+                self.broadcast(stream, &buf[..n]);
                 true
             }
             Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => true,
             Err(_) => false,
+        }
+    }
+
+    /// Sends output to every attached client; one that cannot take it within a second is
+    /// dropped.
+    fn broadcast(&mut self, stream: Stream, data: &[u8]) {
+        if self.clients.is_empty() {
+            return;
+        }
+        let kind = match stream {
+            Stream::Stdout => attach::STDOUT,
+            Stream::Stderr => attach::STDERR,
+        };
+        let f = attach::frame(kind, data);
+        self.clients.retain_mut(|c| c.stream.write_all(&f).is_ok());
+    }
+
+    /// Takes the clients that are connecting.
+    fn accept(&mut self) {
+        let Some(l) = &self.listener else { return };
+        while let Ok((stream, _)) = l.accept() {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            self.clients.push(Client {
+                stream,
+                buf: Vec::new(),
+            });
+        }
+    }
+
+    /// Reads what client `i` sent; false when it left (or broke the protocol).
+    fn serve_client(&mut self, i: usize, buf: &mut [u8]) -> bool {
+        let c = &mut self.clients[i];
+        let n = match c.stream.read(buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        c.buf.extend_from_slice(&buf[..n]);
+        let Ok(frames) = attach::take_frames(&mut c.buf) else {
+            return false;
+        };
+        for (kind, data) in frames {
+            match kind {
+                attach::STDIN => {
+                    if let Some(input) = &self.input
+                        && nix::unistd::write(input, &data).is_err()
+                    {
+                        self.input = None;
+                    }
+                }
+                attach::CLOSE_STDIN => self.close_input(),
+                attach::RESIZE if data.len() == 4 => {
+                    if self.record.config.tty
+                        && let Some(master) = &self.stdout
+                    {
+                        let cols = u16::from_be_bytes([data[0], data[1]]);
+                        let rows = u16::from_be_bytes([data[2], data[3]]);
+                        let _ = super::container_exec_stream::resize_terminal(master, cols, rows);
+                    }
+                }
+                _ => {}
+            }
+        }
+        true
+    }
+
+    /// Closes the container's stdin: the pipe's end, or on a terminal its EOF character.
+    fn close_input(&mut self) {
+        if let Some(input) = self.input.take()
+            && self.record.config.tty
+        {
+            let _ = nix::unistd::write(&input, &[4]);
         }
     }
 
@@ -521,6 +678,13 @@ impl Monitor {
             if let Some(fd) = &self.stderr {
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                 streams.push(Stream::Stderr);
+            }
+            let first_attach = fds.len();
+            if let Some(l) = &self.listener {
+                fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            }
+            for c in &self.clients {
+                fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
             }
             // Once init is gone, processes that inherited its stdio (host pid namespace) get
             // two seconds of quiet before the monitor stops waiting for them.
@@ -576,6 +740,30 @@ impl Monitor {
                     self.reap();
                 }
             }
+            let mut at = first_attach;
+            let mut connecting = false;
+            if self.listener.is_some() {
+                connecting = !revents[at].is_empty();
+                at += 1;
+            }
+            // Clients first (their input may be what the container is waiting for); the ones
+            // that left go, and with stdin_once the container's stdin with the first of them.
+            let n_clients = revents.len() - at;
+            let mut gone = Vec::new();
+            for i in 0..n_clients.min(self.clients.len()) {
+                if !revents[at + i].is_empty() && !self.serve_client(i, &mut buf) {
+                    gone.push(i);
+                }
+            }
+            for i in gone.into_iter().rev() {
+                self.clients.remove(i);
+                if self.record.config.stdin_once {
+                    self.close_input();
+                }
+            }
+            if connecting {
+                self.accept();
+            }
             for (i, stream) in streams.into_iter().enumerate() {
                 let ev = revents[i + 1];
                 if ev.intersects(PollFlags::POLLIN) {
@@ -595,6 +783,10 @@ impl Monitor {
             }
         }
         self.log = None;
+        if self.listener.take().is_some() {
+            self.clients.clear();
+            let _ = std::fs::remove_file(self.paths.dir(&self.record.id).join(attach::SOCKET));
+        }
         let (exit_code, signal, reason) = match exit {
             Some((code, sig)) => (code, sig, None),
             None => (255, None, Some("init status lost".to_string())),

@@ -585,7 +585,10 @@ pub fn build_spec(
         ),
         _ => None,
     };
-    let env = environment(image, cfg, resolved.home.as_deref(), hostname.as_deref())?;
+    let mut env = environment(image, cfg, resolved.home.as_deref(), hostname.as_deref())?;
+    if cfg.tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+        env.push("TERM=xterm".into());
+    }
     let cwd = cfg
         .working_dir
         .clone()
@@ -606,7 +609,7 @@ pub fn build_spec(
         .build()?;
 
     let mut process = ProcessBuilder::default()
-        .terminal(false)
+        .terminal(cfg.tty)
         .user(
             UserBuilder::default()
                 .uid(resolved.uid)
