@@ -246,10 +246,14 @@ fn ctr_config(name: &str, cmd: &[&str]) -> api::ContainerConfig {
 }
 
 async fn run_container(rt: &mut Client, pod: &str, name: &str, cmd: &[&str]) -> String {
+    create_and_start(rt, pod, ctr_config(name, cmd)).await
+}
+
+async fn create_and_start(rt: &mut Client, pod: &str, config: api::ContainerConfig) -> String {
     let id = rt
         .create_container(api::CreateContainerRequest {
             pod_sandbox_id: pod.into(),
-            config: Some(ctr_config(name, cmd)),
+            config: Some(config),
             sandbox_config: None,
         })
         .await
@@ -471,6 +475,36 @@ async fn exec_attach_and_port_forward_over_the_streaming_server() {
     };
     let e = rt.attach(attach(sleeper.clone(), true)).await.unwrap_err();
     assert_eq!(e.code(), keel_cri::tonic::Code::FailedPrecondition, "{e:?}");
+
+    // A container created with stdin (stdin_once): attach writes it live; closing it (v5
+    // CLOSE) ends the container's input, the container exits.
+    let mut cfg = ctr_config("upper", &["sh", "-c", "tr a-z A-Z; echo bye >&2"]);
+    cfg.stdin = true;
+    cfg.stdin_once = true;
+    let upper = create_and_start(&mut rt, &pod, cfg).await;
+    let url = rt
+        .attach(attach(upper.clone(), true))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut ws = ws_connect(&netns, &url, "v5.channel.k8s.io").await.unwrap();
+    let mut m = vec![0u8];
+    m.extend_from_slice(b"attached stdin\n");
+    ws.send(Message::binary(m)).await.unwrap();
+    ws.send(Message::binary(vec![255u8, 0])).await.unwrap();
+    let out = read_all(&mut ws).await;
+    assert_eq!(
+        out.get(&1).map(Vec::as_slice),
+        Some(&b"ATTACHED STDIN\n"[..]),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.get(&2).map(Vec::as_slice),
+        Some(&b"bye\n"[..]),
+        "{out:?}"
+    );
+    assert_eq!(status_of(&out)["status"], "Success", "{out:?}");
 
     // Attach for output: what the container writes from now on, by stream, until it exits.
     let talker = run_container(
@@ -788,6 +822,38 @@ async fn spdy_exec_attach_and_port_forward(
     );
     let status: serde_json::Value = serde_json::from_slice(&out.data[&1]).unwrap();
     assert_eq!(status["status"], "Success", "{status}");
+
+    // Attach to a container on a terminal: stdin, stdout and resize streams.
+    let mut cfg = ctr_config("spdy-tty", &["sh"]);
+    cfg.stdin = true;
+    cfg.tty = true;
+    let on_tty = create_and_start(rt, pod, cfg).await;
+    let url = rt
+        .attach(api::AttachRequest {
+            container_id: on_tty,
+            stdin: true,
+            tty: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut c = Spdy::connect(netns, &url, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    for (id, kind) in [(1, "error"), (3, "stdin"), (5, "stdout"), (7, "resize")] {
+        c.open(id, &[("streamType", kind)]).await;
+    }
+    c.send(7, br#"{"Width":66,"Height":22}"#, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(3, b"stty size; exit\n", false).await;
+    let mut out = SpdyOut::default();
+    c.read(&mut out, |_| false).await;
+    let text = String::from_utf8_lossy(out.data.get(&5).map(Vec::as_slice).unwrap_or_default())
+        .into_owned();
+    assert!(text.contains("22 66"), "{text:?}");
 
     // Port-forward: an error and a data stream per connection, named by port and requestID.
     let url = rt

@@ -1,7 +1,7 @@
-//! Attach: the streaming server's URL for the container's output. keel keeps no stdio stream
-//! of a running container (its stdin is /dev/null, its output goes to the monitor, which
-//! writes the CRI log file), so stdin and tty are refused with FailedPrecondition and output
-//! is the log file followed from the moment of attaching (`streaming/attach.rs`).
+//! Attach: the streaming server's URL for the container's stdio. A container created with
+//! `stdin` or `tty` is attached live through its monitor (keel-runtime's `attach`); for one
+//! created without, stdin and tty are refused with FailedPrecondition (its stdin is /dev/null)
+//! and its output is the log file followed from the moment of attaching (`streaming/attach.rs`).
 
 use crate::container_start::existing_container;
 use crate::service::CriService;
@@ -13,10 +13,31 @@ pub(crate) async fn attach(
     mut req: api::AttachRequest,
 ) -> Result<api::AttachResponse, CriError> {
     let (id, _) = existing_container(svc, &req.container_id).await?;
-    if req.stdin || req.tty {
+    let containers = svc.containers().clone();
+    let cid = id.clone();
+    let cfg = tokio::task::spawn_blocking(move || containers.status(&cid))
+        .await??
+        .record
+        .config;
+    if req.stdin && !cfg.stdin {
         return Err(CriError::FailedPrecondition(format!(
-            "attach to container {id} with stdin or tty: keel keeps no stdin or terminal of a running container (stdin is /dev/null); attach for output only, or exec"
+            "attach to container {id} with stdin: it was created without stdin (its stdin is /dev/null)"
         )));
+    }
+    if req.tty != cfg.tty {
+        return Err(CriError::invalid(
+            "tty",
+            format!(
+                "container {id} was created {} a tty",
+                if cfg.tty { "with" } else { "without" }
+            ),
+        ));
+    }
+    if req.tty && req.stderr {
+        return Err(CriError::invalid(
+            "tty, stderr",
+            "tty and stderr cannot both be true (a terminal merges stderr into stdout)",
+        ));
     }
     if !(req.stdout || req.stderr) {
         return Err(CriError::invalid(

@@ -347,6 +347,9 @@ pub(crate) fn container_config(
         annotations,
         oom_score_adj: (res.oom_score_adj != 0).then_some(res.oom_score_adj as i32),
         log_path,
+        stdin: c.stdin,
+        stdin_once: c.stdin && c.stdin_once,
+        tty: c.tty,
         ..Default::default()
     };
     Ok((cfg, meta))

@@ -172,24 +172,12 @@ fn route(svc: Arc<CriService>, mut req: Request<Incoming>) -> Response<Full<Byte
             &format!("Sec-WebSocket-Protocol: none of {supported:?} offered"),
         );
     };
-    // Taken only now: a request that could never be served does not burn the token.
-    let pending = match (kind, svc.streaming.tokens.take(token)) {
-        (_, None) => return plain(StatusCode::NOT_FOUND, "unknown or expired token"),
-        ("exec", Some(p @ Pending::Exec(_)))
-        | ("attach", Some(p @ Pending::Attach(_)))
-        | ("portforward", Some(p @ Pending::PortForward(_))) => p,
-        _ => return plain(StatusCode::NOT_FOUND, "token is for another endpoint"),
+    let pending = match take_pending(&svc, kind, token) {
+        Ok(p) => p,
+        Err(why) => return plain(StatusCode::NOT_FOUND, why),
     };
     let ports = query_ports(req.uri().query().unwrap_or(""));
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        let io = match upgrade.await {
-            Ok(io) => TokioIo::new(io),
-            Err(e) => {
-                tracing::debug!(error = %e, "streaming server: upgrade");
-                return;
-            }
-        };
+    when_upgraded(&mut req, move |io| async move {
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
         match pending {
             Pending::Exec(r) => {
@@ -261,22 +249,11 @@ fn route_spdy(
             &format!("X-Stream-Protocol-Version: none of {supported:?} offered (got {offered:?})"),
         );
     };
-    let pending = match (kind, svc.streaming.tokens.take(token)) {
-        (_, None) => return plain(StatusCode::NOT_FOUND, "unknown or expired token"),
-        ("exec", Some(p @ Pending::Exec(_)))
-        | ("attach", Some(p @ Pending::Attach(_)))
-        | ("portforward", Some(p @ Pending::PortForward(_))) => p,
-        _ => return plain(StatusCode::NOT_FOUND, "token is for another endpoint"),
+    let pending = match take_pending(&svc, kind, token) {
+        Ok(p) => p,
+        Err(why) => return plain(StatusCode::NOT_FOUND, why),
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        let io = match upgrade.await {
-            Ok(io) => TokioIo::new(io),
-            Err(e) => {
-                tracing::debug!(error = %e, "streaming server: upgrade");
-                return;
-            }
-        };
+    when_upgraded(&mut req, move |io| async move {
         match pending {
             Pending::Exec(r) => {
                 let span = tracing::info_span!("exec", container = %r.container_id, %protocol, transport = "spdy");
@@ -299,6 +276,33 @@ fn route_spdy(
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(STREAM_PROTOCOL, HeaderValue::from_static(protocol));
     r
+}
+
+/// The token's request, when it is one for `kind`. Called only once the request could be
+/// served: a refused one does not burn the token.
+fn take_pending(svc: &CriService, kind: &str, token: &str) -> Result<Pending, &'static str> {
+    match (kind, svc.streaming.tokens.take(token)) {
+        (_, None) => Err("unknown or expired token"),
+        ("exec", Some(p @ Pending::Exec(_)))
+        | ("attach", Some(p @ Pending::Attach(_)))
+        | ("portforward", Some(p @ Pending::PortForward(_))) => Ok(p),
+        _ => Err("token is for another endpoint"),
+    }
+}
+
+/// Runs `serve` on a task of its own once hyper hands the upgraded connection over.
+fn when_upgraded<F, Fut>(req: &mut Request<Incoming>, serve: F)
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => serve(TokioIo::new(io)).await,
+            Err(e) => tracing::debug!(error = %e, "streaming server: upgrade"),
+        }
+    });
 }
 
 fn negotiate_header(req: &Request<Incoming>, supported: &[&'static str]) -> Option<&'static str> {

@@ -97,27 +97,12 @@ fn output(
     })
 }
 
-pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
-    let (mut incoming, writer) = Session::start(io);
-    let mut want = vec!["error"];
-    if req.stdin {
-        want.push("stdin");
-    }
-    if req.stdout {
-        want.push("stdout");
-    }
-    if req.stderr && !req.tty {
-        want.push("stderr");
-    }
-    if req.tty {
-        want.push("resize");
-    }
-    let Some(mut streams) = gather(&mut incoming, &want).await else {
-        return;
-    };
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(32);
-    let out = output(writer, rx, &streams);
-    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(32);
+/// Feeds the stdin and resize streams (when there) into `in_tx` as channel messages: stdin's
+/// data and its FIN as channel 0 and its CLOSE, resize's JSON objects as channel 4.
+fn inputs(
+    streams: &mut HashMap<String, Incoming>,
+    in_tx: &mpsc::Sender<Vec<u8>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut inputs = Vec::new();
     if let Some(stdin) = streams.remove("stdin") {
         let in_tx = in_tx.clone();
@@ -146,6 +131,31 @@ pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
             }
         }));
     }
+    inputs
+}
+
+pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
+    let (mut incoming, writer) = Session::start(io);
+    let mut want = vec!["error"];
+    if req.stdin {
+        want.push("stdin");
+    }
+    if req.stdout {
+        want.push("stdout");
+    }
+    if req.stderr && !req.tty {
+        want.push("stderr");
+    }
+    if req.tty {
+        want.push("resize");
+    }
+    let Some(mut streams) = gather(&mut incoming, &want).await else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(32);
+    let out = output(writer, rx, &streams);
+    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(32);
+    let inputs = inputs(&mut streams, &in_tx);
     drop(in_tx);
     super::exec::run(svc, req, tx, in_rx).await;
     let _ = out.await;
@@ -154,24 +164,44 @@ pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
     }
 }
 
-/// Attach over SPDY, output only (stdin and tty are refused at the RPC): the container's log
-/// from now on, on the stdout and stderr streams, the status on the error stream at its exit.
+/// Attach over SPDY: the streams as for exec, fed by the same code as over a WebSocket
+/// ([`super::attach::run`]); the session ending (the client left) ends it.
 pub(super) async fn attach(svc: Arc<CriService>, req: api::AttachRequest, io: Io) {
     let (mut incoming, writer) = Session::start(io);
     let mut want = vec!["error"];
+    if req.stdin {
+        want.push("stdin");
+    }
     if req.stdout {
         want.push("stdout");
     }
     if req.stderr {
         want.push("stderr");
     }
-    let Some(streams) = gather(&mut incoming, &want).await else {
+    if req.tty {
+        want.push("resize");
+    }
+    let Some(mut streams) = gather(&mut incoming, &want).await else {
         return;
     };
     let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
     let out = output(writer, rx, &streams);
-    super::attach::run(svc, req, tx).await;
-    let _ = out.await;
+    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(32);
+    let inputs = inputs(&mut streams, &in_tx);
+    let gone = async move {
+        while incoming.recv().await.is_some() {}
+        drop(in_tx);
+    };
+    tokio::select! {
+        _ = async {
+            super::attach::run(svc, req, tx, in_rx).await;
+            let _ = out.await;
+        } => {}
+        _ = gone => {}
+    }
+    for i in inputs {
+        i.abort();
+    }
 }
 
 /// Takes the complete JSON values at the front of `buf` (kubelet's resize stream is a
