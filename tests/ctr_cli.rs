@@ -274,3 +274,129 @@ fn interactive_shell(cli: &Cli, name: &str) {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(4), "{seen:?}");
 }
+
+/// `keel ctr run -it` on a pseudo-terminal of the test's: the container's shell runs on a
+/// terminal of its own, of our size; `-i` alone pipes stdin; `keel ctr attach` joins a running
+/// one.
+#[test]
+fn interactive_run_and_attach() {
+    use std::io::Write;
+    if !privileged("interactive_run_and_attach") {
+        return;
+    }
+    let cli = Cli::new();
+    let parent = cli.parent();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    set_size(&pty.slave, 100, 35);
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = cli
+        .command(&[
+            "ctr",
+            "run",
+            "--rm",
+            "-it",
+            "--cgroup-parent",
+            &parent,
+            IMAGE,
+            "sh",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let mut seen = String::new();
+    master
+        .write_all(b"tty; stty size; echo n=$((3*3)); exit 6\r")
+        .unwrap();
+    read_until(&mut master, &mut seen, "n=9");
+    assert!(
+        seen.contains("/dev/pts/") && seen.contains("35 100"),
+        "{seen:?}"
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(6), "{seen:?}");
+
+    // -i without -t: a pipe.
+    let mut child = cli
+        .command(&[
+            "ctr",
+            "run",
+            "--rm",
+            "-i",
+            "--cgroup-parent",
+            &parent,
+            IMAGE,
+            "tr",
+            "a-z",
+            "A-Z",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"run with stdin\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "RUN WITH STDIN\n");
+    assert_eq!(out.status.code(), Some(0));
+
+    // attach to a detached -i container: our stdin becomes its stdin; its EOF ends it.
+    cli.ok(&[
+        "ctr",
+        "run",
+        "-d",
+        "-i",
+        "--name",
+        "cat",
+        "--cgroup-parent",
+        &parent,
+        IMAGE,
+        "sh",
+        "-c",
+        "cat; echo cat-done",
+    ]);
+    let mut child = cli
+        .command(&["ctr", "attach", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"attached later\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "attached later\ncat-done\n"
+    );
+    cli.ok(&["ctr", "rm", "-f", "cat"]);
+    // Attaching to a container without stdin or tty says why.
+    cli.ok(&[
+        "ctr",
+        "run",
+        "-d",
+        "--name",
+        "plain",
+        "--cgroup-parent",
+        &parent,
+        IMAGE,
+        "sleep",
+        "30",
+    ]);
+    let out = cli.keel(&["ctr", "attach", "plain"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("without stdin or tty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cli.ok(&["ctr", "rm", "-f", "plain"]);
+}

@@ -47,6 +47,9 @@ pub enum CtrCommand {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Attach this terminal to a running container created with -i or -t: its output from
+    /// now on, this terminal's input (and size, with -t); returns when its output ends.
+    Attach { container: String },
     /// Print a container's log.
     Logs {
         /// Keep printing until the container exits.
@@ -156,6 +159,13 @@ pub struct CreateArgs {
     /// Label K=V. Repeatable.
     #[arg(long, short)]
     pub label: Vec<String>,
+    /// Keep the container's stdin open (`keel ctr run -i` passes this terminal's; `keel ctr
+    /// attach` writes it later).
+    #[arg(long, short)]
+    pub interactive: bool,
+    /// Run the container on a terminal of its own (`-it` for a shell).
+    #[arg(long, short)]
+    pub tty: bool,
     #[arg(long)]
     pub hostname: Option<String>,
     #[arg(long)]
@@ -212,6 +222,8 @@ impl CreateArgs {
             oom_score_adj: self.oom_score_adj,
             cgroup_parent: self.cgroup_parent.clone(),
             stop_signal: self.stop_signal.clone(),
+            stdin: self.interactive,
+            tty: self.tty,
             labels: key_values(&self.label, "label")?,
             ..Default::default()
         };
@@ -345,6 +357,17 @@ pub fn run(root: &Path, config: &Config, cmd: CtrCommand) -> anyhow::Result<Exit
             }
             Ok(ExitCode::from(r.exit_code.clamp(0, 255) as u8))
         }
+        CtrCommand::Attach { container } => {
+            let rt = runtime(root)?;
+            let id = rt.resolve(&container)?;
+            let cfg = rt.status(&id)?.record.config;
+            if cfg.tty {
+                block_winch();
+            }
+            let sock = rt.attach(&id)?;
+            crate::cli::ctr_exec::relay_attached(sock, cfg.stdin, cfg.tty)?;
+            Ok(ExitCode::SUCCESS)
+        }
         CtrCommand::Logs { follow, container } => {
             let rt = runtime(root)?;
             let id = rt.resolve(&container)?;
@@ -420,7 +443,23 @@ fn print_log(rt: &ContainerRuntime, id: &str, follow: bool) -> anyhow::Result<()
 }
 
 fn run_container(root: &Path, config: &Config, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let live = !args.detach && (args.create.interactive || args.create.tty);
+    if live && args.create.tty {
+        block_winch();
+    }
     let (rt, id) = create(root, config, &args.create)?;
+    // Attached before the start, so no output is missed.
+    let attached = if live {
+        match rt.attach(&id) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let _ = rt.remove(&id, true);
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     if let Err(e) = rt.start(&id) {
         if args.rm {
             let _ = rt.remove(&id, true);
@@ -431,7 +470,12 @@ fn run_container(root: &Path, config: &Config, args: RunArgs) -> anyhow::Result<
         println!("{id}");
         return Ok(ExitCode::SUCCESS);
     }
-    print_log(&rt, &id, true)?;
+    match attached {
+        Some(sock) => {
+            crate::cli::ctr_exec::relay_attached(sock, args.create.interactive, args.create.tty)?
+        }
+        None => print_log(&rt, &id, true)?,
+    }
     let exit = rt
         .wait(&id, None)?
         .with_context(|| format!("container {id}: no exit status"))?;
@@ -499,4 +543,10 @@ fn ls(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Blocks SIGWINCH in this (still single-threaded) process, so the relay's watcher thread is
+/// the one to take it.
+fn block_winch() {
+    let _ = nix::sys::signal::SigSet::from(nix::sys::signal::Signal::SIGWINCH).thread_block();
 }

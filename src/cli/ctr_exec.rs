@@ -2,14 +2,17 @@
 //! `-t` the command runs on a terminal of the container's own (keel-runtime's streaming exec
 //! with a tty); this terminal is put in raw mode, so every key (^C, ^D, arrows) reaches that
 //! terminal, which interprets them as a local one would; its size follows this one's (SIGWINCH).
-//! With `-i` only, stdin, stdout and stderr are plain pipes.
+//! With `-i` only, stdin, stdout and stderr are plain pipes. `keel ctr run -it` and `keel ctr
+//! attach` relay the same way to a container created with stdin or a tty ([`relay_attached`]).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
+use keel_runtime::container::container_attach as attach;
 use keel_runtime::container::{ContainerRuntime, ExecIo, resize_terminal};
 use nix::sys::termios::{self, SetArg, Termios};
 
@@ -146,6 +149,67 @@ impl Drop for RawMode {
     fn drop(&mut self) {
         if let Some(saved) = &self.0 {
             let _ = termios::tcsetattr(std::io::stdin().as_fd(), SetArg::TCSADRAIN, saved);
+        }
+    }
+}
+
+/// Relays this terminal to an attached container (`sock`, keel-runtime's attach socket)
+/// until the container's output ends: stdin (with `stdin`) as stdin frames and its EOF as
+/// close-stdin, output frames to stdout and stderr; with `tty`, this terminal in raw mode and
+/// its size (now and on SIGWINCH) sent as resize frames.
+pub fn relay_attached(sock: UnixStream, stdin: bool, tty: bool) -> anyhow::Result<()> {
+    let _raw = tty.then(RawMode::enter);
+    if tty {
+        if let Some((cols, rows)) = local_size() {
+            let _ = (&sock).write_all(&attach::frame(attach::RESIZE, &attach::size(cols, rows)));
+        }
+        let s = sock.try_clone().context("dup the attach socket")?;
+        std::thread::spawn(move || {
+            let winch = nix::sys::signal::SigSet::from(nix::sys::signal::Signal::SIGWINCH);
+            while winch.wait().is_ok() {
+                if let Some((cols, rows)) = local_size() {
+                    let f = attach::frame(attach::RESIZE, &attach::size(cols, rows));
+                    if (&s).write_all(&f).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    if stdin {
+        let s = sock.try_clone().context("dup the attach socket")?;
+        std::thread::spawn(move || {
+            let mut input = std::io::stdin();
+            let mut buf = [0u8; 16 << 10];
+            while let Ok(n) = input.read(&mut buf) {
+                let f = match n {
+                    0 => attach::frame(attach::CLOSE_STDIN, &[]),
+                    n => attach::frame(attach::STDIN, &buf[..n]),
+                };
+                if (&s).write_all(&f).is_err() || n == 0 {
+                    return;
+                }
+            }
+        });
+    }
+    let mut sock = sock;
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 32 << 10];
+    loop {
+        let n = match sock.read(&mut buf) {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        for (kind, data) in attach::take_frames(&mut pending).map_err(anyhow::Error::msg)? {
+            let w: &mut dyn Write = if kind == attach::STDERR {
+                &mut err
+            } else {
+                &mut out
+            };
+            w.write_all(&data)?;
+            w.flush()?;
         }
     }
 }

@@ -60,8 +60,8 @@ pub fn take_frames(buf: &mut Vec<u8>) -> Result<Vec<(u8, Vec<u8>)>, String> {
 }
 
 impl ContainerRuntime {
-    /// Connects to the running container `id`'s stdio (see the module doc). Err when it was
-    /// created without stdin or tty, or is not running.
+    /// Connects to the stdio of container `id`, created or running (see the module doc). Err
+    /// when it was created without stdin or tty, or has exited.
     pub fn attach(&self, id: &str) -> Result<UnixStream, ContainerError> {
         let info = self.status(id)?;
         let err = |reason: String| ContainerError::Exec {
@@ -74,7 +74,8 @@ impl ContainerRuntime {
                 "created without stdin or tty: there is no live stdio to attach to (its output is the log)".into(),
             ));
         }
-        if info.status != Status::Running {
+        // Created too: attaching before the start misses none of the output.
+        if !matches!(info.status, Status::Running | Status::Created) {
             return Err(ContainerError::InvalidState {
                 id: id.to_string(),
                 op: "attach to",
