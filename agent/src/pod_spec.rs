@@ -305,6 +305,9 @@ pub(crate) fn container_config(
             (LABEL_CONTAINER_NAME.to_owned(), c.name.clone()),
         ]),
         log_path: format!("{}/{attempt}.log", c.name),
+        stdin: c.stdin.unwrap_or(false),
+        stdin_once: c.stdin_once.unwrap_or(false),
+        tty: c.tty.unwrap_or(false),
         linux: Some(api::LinuxContainerConfig {
             resources: Some(resources(c, &k)?),
             security_context: Some(security_context),
@@ -327,7 +330,7 @@ mod tests {
             "metadata": {"name": "web", "namespace": "prod", "uid": "u1", "labels": {"app": "web"}},
             "spec": {"containers": [{
                 "name": "c", "image": "busybox", "command": ["sh"], "args": ["-c", "true"],
-                "workingDir": "/tmp",
+                "workingDir": "/tmp", "stdin": true, "tty": true,
                 "env": [{"name": "A", "value": "1"}, {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                 "ports": [{"containerPort": 80, "hostPort": 8080}, {"containerPort": 81, "protocol": "UDP"}],
                 "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}, "requests": {"cpu": "250m"}},
@@ -397,6 +400,7 @@ mod tests {
         assert_eq!(cc.command, ["sh"]);
         assert_eq!(cc.args, ["-c", "true"]);
         assert_eq!(cc.working_dir, "/tmp");
+        assert!(cc.stdin && cc.tty && !cc.stdin_once);
         assert_eq!(
             (cc.envs[0].key.as_str(), cc.envs[0].value.as_str()),
             ("A", "1")
