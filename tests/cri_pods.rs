@@ -1408,3 +1408,60 @@ async fn host_port_reaches_the_container_through_a_chained_portmap_plugin() {
     .unwrap();
     assert!(pods_listed(&mut rt, Default::default()).await.is_empty());
 }
+
+/// NetworkReady follows the plugins' CNI STATUS for a 1.1.0 network: keel-cni with a range
+/// that has one address says it cannot serve ADD once a pod holds it, and is ready again
+/// when the pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_ready_follows_cni_status() {
+    if !privileged("network_ready_follows_cni_status") {
+        return;
+    }
+    let mut node = Node::new();
+    node.install_cni("10.205.0.0/30");
+    let file = std::fs::read_dir(node.conf_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "conflist"))
+        .unwrap();
+    let mut list: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    list["cniVersion"] = serde_json::json!("1.1.0");
+    std::fs::write(&file, list.to_string()).unwrap();
+    let mut rt = node.start().await;
+    let network_ready = |r: api::StatusResponse| {
+        r.status
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.r#type == "NetworkReady")
+            .unwrap()
+    };
+    let status = |rt: &mut Client| {
+        let mut rt = rt.clone();
+        async move {
+            rt.status(api::StatusRequest { verbose: false })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert!(network_ready(status(&mut rt).await).status);
+    let logs = node.root().join("logs");
+    let pod = run_pod(&mut rt, pod_config("only", &logs)).await;
+    let c = network_ready(status(&mut rt).await);
+    assert!(!c.status, "{c:?}");
+    assert!(c.message.contains("full"), "{}", c.message);
+    rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    assert!(network_ready(status(&mut rt).await).status);
+}

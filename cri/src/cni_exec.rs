@@ -198,6 +198,32 @@ impl CniExec {
         netns: &Path,
         conf: &Value,
     ) -> Result<Value, CniError> {
+        self.run_plugin(op, plugin, Some((pod, netns)), conf)
+    }
+
+    /// STATUS (CNI 1.1) of every plugin of `list`, in chain order: the first that says it
+    /// cannot serve ADD is the error. A list older than 1.1.0 has no STATUS: ready.
+    pub(crate) fn status(&self, list: &Value) -> Result<(), CniError> {
+        let version = list["cniVersion"].as_str().unwrap_or("1.0.0");
+        if !version_at_least(version, (1, 1)) {
+            return Ok(());
+        }
+        let n = list["plugins"].as_array().map_or(0, Vec::len);
+        for i in 0..n {
+            let conf = plugin_config(list, i, None, &[]);
+            self.run_plugin("STATUS", &plugin_type(list, i), None, &conf)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one plugin for `op`, about `pod` in `netns` when there is one (not for STATUS).
+    fn run_plugin(
+        &self,
+        op: &'static str,
+        plugin: &str,
+        target: Option<(&PodRecord, &Path)>,
+        conf: &Value,
+    ) -> Result<Value, CniError> {
         let path = self.bin_dir.join(plugin);
         let fail = |op: &'static str, reason: String| CniError::Exec {
             plugin: plugin.to_owned(),
@@ -212,16 +238,18 @@ impl CniExec {
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", op)
-            .env("CNI_CONTAINERID", &pod.id)
-            .env("CNI_IFNAME", IFNAME)
             .env("CNI_PATH", &self.bin_dir)
-            .env("CNI_ARGS", cni_args(pod))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // DEL of a pod whose pin is gone (after a reboot) must still release the addresses.
-        if op == "ADD" || netns.exists() {
-            cmd.env("CNI_NETNS", netns);
+        if let Some((pod, netns)) = target {
+            cmd.env("CNI_CONTAINERID", &pod.id)
+                .env("CNI_IFNAME", IFNAME)
+                .env("CNI_ARGS", cni_args(pod));
+            // DEL of a pod whose pin is gone (after a reboot) must still release the addresses.
+            if op == "ADD" || netns.exists() {
+                cmd.env("CNI_NETNS", netns);
+            }
         }
         let mut child = cmd.spawn().map_err(|e| fail("spawn", e.to_string()))?;
         let input = conf.to_string();
@@ -261,7 +289,8 @@ impl CniExec {
                 msg,
             });
         }
-        if op == "DEL" {
+        // DEL and STATUS print nothing on success.
+        if op == "DEL" || op == "STATUS" {
             return Ok(Value::Null);
         }
         parsed.ok_or_else(|| fail("read result", format!("not JSON: {stdout:?}")))
@@ -459,5 +488,23 @@ mod tests {
             ]
         );
         assert!(result_ips(&Value::Null).is_empty());
+    }
+}
+
+/// Whether CNI version `v` (`MAJOR.MINOR.PATCH`) is at least `min` (major, minor).
+fn version_at_least(v: &str, min: (u32, u32)) -> bool {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= min
+}
+
+#[cfg(test)]
+mod status_tests {
+    #[test]
+    fn status_is_for_1_1_and_later() {
+        assert!(super::version_at_least("1.1.0", (1, 1)));
+        assert!(super::version_at_least("2.0.0", (1, 1)));
+        assert!(!super::version_at_least("1.0.0", (1, 1)));
+        assert!(!super::version_at_least("0.4.0", (1, 1)));
     }
 }

@@ -1,7 +1,8 @@
 //! Status: the two conditions kubelet requires. RuntimeReady is true once the server runs (the
 //! pod and container state is on disk and read on every RPC, nothing to warm up). NetworkReady
 //! reflects the CNI conf dir, read again on every call (kubelet asks every few seconds; reading
-//! one small file is cheaper than watching the dir).
+//! one small file is cheaper than watching the dir), and for a 1.1.0+ network its plugins'
+//! STATUS (a plugin that cannot serve ADD, e.g. keel-cni with a full range, makes it false).
 //!
 //! With `verbose`, `info` holds JSON like containerd's: `config` (keel's CRI settings, never
 //! registry credentials), `cniconfig` (dirs, the loaded network, whether each plugin binary is
@@ -12,6 +13,7 @@ use std::collections::HashMap;
 use serde_json::json;
 
 use crate::cni_config::{self, CniConfigError, CniNetwork};
+use crate::cni_exec::{CniError, CniExec};
 use crate::service::{CriService, Settings};
 use crate::{CriError, api};
 
@@ -26,18 +28,26 @@ pub(crate) async fn status(
     let verbose = req.verbose;
     tokio::task::spawn_blocking(move || {
         let network = cni_config::load(&settings.cni_conf_dir);
+        let plugins = network.as_ref().ok().map(|n| {
+            CniExec {
+                bin_dir: settings.cni_bin_dir.clone(),
+                list: None,
+            }
+            .status(&n.list)
+        });
         let info = if verbose {
             verbose_info(&settings, &network, &pod_cidrs)
         } else {
             HashMap::new()
         };
-        Ok(status_response(&network, info))
+        Ok(status_response(&network, plugins, info))
     })
     .await?
 }
 
 fn status_response(
     network: &Result<CniNetwork, CniConfigError>,
+    plugins: Option<Result<(), CniError>>,
     info: HashMap<String, String>,
 ) -> api::StatusResponse {
     let runtime = api::RuntimeCondition {
@@ -46,14 +56,20 @@ fn status_response(
         reason: String::new(),
         message: String::new(),
     };
-    let network = match network {
-        Ok(_) => api::RuntimeCondition {
+    let network = match (network, plugins) {
+        (Ok(_), Some(Err(e))) => api::RuntimeCondition {
+            r#type: "NetworkReady".to_owned(),
+            status: false,
+            reason: NETWORK_NOT_READY_REASON.to_owned(),
+            message: format!("Network plugin returns error: {e}"),
+        },
+        (Ok(_), _) => api::RuntimeCondition {
             r#type: "NetworkReady".to_owned(),
             status: true,
             reason: String::new(),
             message: String::new(),
         },
-        Err(e) => api::RuntimeCondition {
+        (Err(e), _) => api::RuntimeCondition {
             r#type: "NetworkReady".to_owned(),
             status: false,
             reason: NETWORK_NOT_READY_REASON.to_owned(),
@@ -167,7 +183,7 @@ mod tests {
         let missing = Err(CniConfigError::NoConfig {
             dir: "/etc/cni/net.d".into(),
         });
-        let r = status_response(&missing, HashMap::new());
+        let r = status_response(&missing, None, HashMap::new());
         let rt = condition(&r, "RuntimeReady");
         assert!(rt.status);
         let net = condition(&r, "NetworkReady");
@@ -181,8 +197,21 @@ mod tests {
             plugins: vec!["keel-cni".into()],
             list: serde_json::Value::Null,
         });
-        let r = status_response(&ok, HashMap::new());
+        let r = status_response(&ok, Some(Ok(())), HashMap::new());
         assert!(condition(&r, "NetworkReady").status);
+        let full = CniError::Plugin {
+            plugin: "keel-cni".into(),
+            op: "STATUS",
+            code: 50,
+            msg: "range set 0 is full".into(),
+        };
+        let r = status_response(&ok, Some(Err(full)), HashMap::new());
+        let net = condition(&r, "NetworkReady");
+        assert!(
+            !net.status && net.message.contains("is full"),
+            "{}",
+            net.message
+        );
     }
 
     #[test]
