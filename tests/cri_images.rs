@@ -239,9 +239,24 @@ async fn cri_serves_runtime_info_and_images() {
         "{net:?}"
     );
     assert!(st.info.is_empty(), "info only when verbose");
+    // A 1.1.0 network is asked its plugins' STATUS: a plugin binary that is not there is not
+    // ready.
     std::fs::write(
         cni_dir.join("10-keel.conflist"),
         r#"{"cniVersion":"1.1.0","name":"keel","plugins":[{"type":"keel-cni"}]}"#,
+    )
+    .unwrap();
+    let st = runtime
+        .status(api::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let net = condition(&st, "NetworkReady");
+    assert!(!net.status && net.message.contains("keel-cni"), "{net:?}");
+    // A 1.0.0 network has no STATUS: ready once its config loads.
+    std::fs::write(
+        cni_dir.join("10-keel.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"keel","plugins":[{"type":"keel-cni"}]}"#,
     )
     .unwrap();
     runtime
