@@ -438,14 +438,15 @@ fn attach_to_a_terminal_container_sizes_it() -> anyhow::Result<()> {
     sock.write_all(&frame(RESIZE, &size(90, 30)))?;
     sock.write_all(&frame(STDIN, b"tty; stty size; echo $TERM; exit 3\n"))?;
     let mut seen = String::new();
-    attached_until(&mut sock, &mut seen, "30 90")?;
+    // `xterm` is the last line the shell prints (the echoed command line says `$TERM`).
+    attached_until(&mut sock, &mut seen, "xterm")?;
     let exit = env
         .rt
         .wait(&id, Some(Duration::from_secs(10)))?
         .context("no exit")?;
     ensure!(exit.exit_code == 3, "{exit:?}: {seen:?}");
     ensure!(
-        seen.contains("/dev/pts/") && seen.contains("xterm"),
+        seen.contains("/dev/pts/") && seen.contains("30 90"),
         "{seen:?}"
     );
     Ok(())
