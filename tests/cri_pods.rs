@@ -132,17 +132,22 @@ impl Node {
             subnet,
             "--no-masquerade",
         ]);
+        let (file, mut list) = self.conflist();
+        list["plugins"][0]["ipam"]["dataDir"] =
+            serde_json::json!(self.root().join("ipam").to_str().unwrap());
+        std::fs::write(&file, list.to_string()).unwrap();
+    }
+
+    /// The conflist `keel cni install` wrote: its path and content.
+    fn conflist(&self) -> (PathBuf, serde_json::Value) {
         let file = std::fs::read_dir(self.conf_dir())
             .unwrap()
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "conflist"))
             .expect("keel cni install wrote a conflist");
-        let mut list: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-        list["plugins"][0]["ipam"]["dataDir"] =
-            serde_json::json!(self.root().join("ipam").to_str().unwrap());
-        std::fs::write(&file, list.to_string()).unwrap();
+        let list = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        (file, list)
     }
 
     /// Starts `keel cri` inside the node's network namespace (nsenter: the mount namespace
@@ -1342,14 +1347,7 @@ async fn host_port_reaches_the_container_through_a_chained_portmap_plugin() {
     let mut node = Node::new();
     node.install_cni("10.204.0.0/24");
     std::fs::copy(portmap, node.bin_dir().join("portmap")).unwrap();
-    let file = std::fs::read_dir(node.conf_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "conflist"))
-        .unwrap();
-    let mut list: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let (file, mut list) = node.conflist();
     list["plugins"]
         .as_array_mut()
         .unwrap()
@@ -1419,14 +1417,7 @@ async fn network_ready_follows_cni_status() {
     }
     let mut node = Node::new();
     node.install_cni("10.205.0.0/30");
-    let file = std::fs::read_dir(node.conf_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "conflist"))
-        .unwrap();
-    let mut list: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let (file, mut list) = node.conflist();
     list["cniVersion"] = serde_json::json!("1.1.0");
     std::fs::write(&file, list.to_string()).unwrap();
     let mut rt = node.start().await;

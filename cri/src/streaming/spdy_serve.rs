@@ -34,6 +34,21 @@ const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// The upgraded connection.
 pub(super) type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
+/// The streams a client opens for an exec or attach: error always, stdin/stdout as asked,
+/// stderr as asked but never with a tty (it merges into stdout), resize with a tty.
+fn wanted(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Vec<&'static str> {
+    [
+        (true, "error"),
+        (stdin, "stdin"),
+        (stdout, "stdout"),
+        (stderr && !tty, "stderr"),
+        (tty, "resize"),
+    ]
+    .into_iter()
+    .filter_map(|(on, kind)| on.then_some(kind))
+    .collect()
+}
+
 /// Waits (30 s at most) for the client to open a stream of each kind in `want`; None when it
 /// did not.
 async fn gather(
@@ -136,19 +151,7 @@ fn inputs(
 
 pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
     let (mut incoming, writer) = Session::start(io);
-    let mut want = vec!["error"];
-    if req.stdin {
-        want.push("stdin");
-    }
-    if req.stdout {
-        want.push("stdout");
-    }
-    if req.stderr && !req.tty {
-        want.push("stderr");
-    }
-    if req.tty {
-        want.push("resize");
-    }
+    let want = wanted(req.stdin, req.stdout, req.stderr, req.tty);
     let Some(mut streams) = gather(&mut incoming, &want).await else {
         return;
     };
@@ -168,19 +171,7 @@ pub(super) async fn exec(svc: Arc<CriService>, req: api::ExecRequest, io: Io) {
 /// ([`super::attach::run`]); the session ending (the client left) ends it.
 pub(super) async fn attach(svc: Arc<CriService>, req: api::AttachRequest, io: Io) {
     let (mut incoming, writer) = Session::start(io);
-    let mut want = vec!["error"];
-    if req.stdin {
-        want.push("stdin");
-    }
-    if req.stdout {
-        want.push("stdout");
-    }
-    if req.stderr {
-        want.push("stderr");
-    }
-    if req.tty {
-        want.push("resize");
-    }
+    let want = wanted(req.stdin, req.stdout, req.stderr, req.tty);
     let Some(mut streams) = gather(&mut incoming, &want).await else {
         return;
     };
