@@ -90,9 +90,13 @@ pub fn workspace_root() -> PathBuf {
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     println!("+ cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
-        .args(args)
-        .current_dir(workspace_root())
+    let mut command = Command::new(&cargo);
+    command.args(args).current_dir(workspace_root());
+    if std::env::var_os("CI").is_some() {
+        // A CI clone is built once: incremental caches would only eat its disk.
+        command.env("CARGO_INCREMENTAL", "0");
+    }
+    let status = command
         .status()
         .with_context(|| format!("run cargo {}", args.join(" ")))?;
     if !status.success() {
