@@ -1,9 +1,10 @@
-//! The file source: a multi-document YAML file of Services and EndpointSlices (what admins and
-//! tests give `keel proxy --manifests PATH`). Other kinds are ignored; a `List` is flattened.
+//! The file source: a multi-document YAML file of Services, EndpointSlices and Pods (the Pods for
+//! their hostPorts; what admins and tests give `keel proxy --manifests PATH`). Other kinds are
+//! ignored; a `List` is flattened.
 
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum ManifestError {
 pub struct Manifests {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Pods whose hostPorts this node serves (`model::hostport` says which count).
+    pub pods: Vec<Pod>,
 }
 
 pub fn read_manifests(path: &Path) -> Result<Manifests, ManifestError> {
@@ -84,6 +87,7 @@ pub fn parse_manifests(text: &str) -> Result<Manifests, ManifestError> {
             "EndpointSlice" => out
                 .slices
                 .push(serde_json::from_value(doc).map_err(invalid)?),
+            "Pod" => out.pods.push(serde_json::from_value(doc).map_err(invalid)?),
             k if k.ends_with("List") => {
                 if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
                     queue.extend(items.iter().rev().cloned());
@@ -102,11 +106,12 @@ mod tests {
     #[test]
     fn parses_documents_and_lists_and_ignores_other_kinds() {
         let m = parse_manifests(
-            "---\nkind: ConfigMap\nmetadata: {name: x}\n---\nkind: List\nitems:\n- {kind: Service, apiVersion: v1, metadata: {name: a}}\n---\n---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {name: b}\naddressType: IPv4\nendpoints: []\n",
+            "---\nkind: ConfigMap\nmetadata: {name: x}\n---\nkind: List\nitems:\n- {kind: Service, apiVersion: v1, metadata: {name: a}}\n- {kind: Pod, apiVersion: v1, metadata: {name: p}}\n---\n---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {name: b}\naddressType: IPv4\nendpoints: []\n",
         )
         .unwrap();
         assert_eq!(m.services.len(), 1);
         assert_eq!(m.slices.len(), 1);
+        assert_eq!(m.pods.len(), 1);
     }
 
     #[test]
@@ -115,6 +120,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("Service web"), "{e}");
+        let e = parse_manifests("kind: Pod\nmetadata: {name: p}\nspec: {containers: 3}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Pod p"), "{e}");
         let e = parse_manifests("kind: [").unwrap_err().to_string();
         assert!(e.contains("YAML"), "{e}");
     }

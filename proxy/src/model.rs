@@ -4,17 +4,22 @@
 //! (clusterIP | externalIP | LoadBalancer IP | node IP for NodePort) x port x protocol; the
 //! endpoints of the Service's slices whose port name matches; ready endpoints preferred and
 //! serving+terminating ones used only when no endpoint is ready; internalTrafficPolicy=Local keeps
-//! only this node's endpoints; ClientIP affinity with its timeout.
+//! only this node's endpoints; ClientIP affinity with its timeout. This node's Pods add their
+//! hostPorts (`hostport`) as NodePort-like frontends with the pod as the one backend; a Service
+//! keeps a frontend a hostPort also names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use keel_ebpf::{
     BE_F_TERMINATING, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, L4Addr, SVC_F_EXTERNAL_IP,
     SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SvcKey,
 };
+
+pub mod hostport;
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -106,6 +111,62 @@ pub fn desired(
         }
     }
     (out, skipped)
+}
+
+/// `desired` plus the hostPorts of this node's `pods`. A frontend a Service produces stays the
+/// Service's: the pod naming it too is reported skipped (kube-proxy's Service rules and portmap's
+/// DNAT would both match it, and which one wins there depends on chain order; here it is always
+/// the Service, whose frontend other nodes and clients rely on). Between two pods the first by
+/// namespace/name keeps it. A pod's other hostPorts still work.
+pub fn desired_with_pods(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    pods: &[Pod],
+    node: &NodeContext,
+) -> (Desired, Vec<Skipped>) {
+    let (mut out, mut skipped) = desired(services, slices, node);
+    let mut pods: Vec<(String, &Pod)> = pods.iter().map(|p| (hostport::pod_name(p), p)).collect();
+    pods.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut by_pod: BTreeMap<SvcKey, String> = BTreeMap::new();
+    for (name, pod) in pods {
+        let object = format!("Pod {name}");
+        match hostport::pod_frontends(pod, node) {
+            Ok(d) => {
+                for (k, want) in d {
+                    match (out.get(&k), by_pod.get(&k)) {
+                        (Some(_), Some(first)) => skipped.push(Skipped {
+                            object: object.clone(),
+                            reason: taken_reason(&k, &format!("Pod {first}")),
+                        }),
+                        (Some(svc), None) => skipped.push(Skipped {
+                            object: object.clone(),
+                            reason: taken_reason(&k, &format!("Service {}", svc.name)),
+                        }),
+                        (None, _) => {
+                            by_pod.insert(k, name.clone());
+                            out.insert(k, want);
+                        }
+                    }
+                }
+            }
+            Err(reason) => skipped.push(Skipped { object, reason }),
+        }
+    }
+    (out, skipped)
+}
+
+/// Why a pod's hostPort frontend `k` is not the pod's: `holder` keeps it.
+pub fn taken_reason(k: &SvcKey, holder: &str) -> String {
+    let ip = match k.ip() {
+        Some(ip) => ip.to_string(),
+        None => "?".into(),
+    };
+    format!(
+        "hostPort {}/{} on {ip} is a frontend of {holder}, which keeps it; the pod's other \
+         hostPorts are served",
+        k.host_port(),
+        keel_ebpf::proto_name(k.proto)
+    )
 }
 
 /// Translates one Service with the slices that name it (the API source's per-event path: the
@@ -428,5 +489,251 @@ spec: {clusterIP: None, ports: [{port: 80}]}
             "{:?}",
             skipped[0]
         );
+    }
+
+    /// A pod named `name` on node `node` with `ports` (YAML flow list of container ports) and
+    /// `status` (YAML flow mapping).
+    fn pod(name: &str, node: &str, ports: &str, status: &str) -> Pod {
+        let text = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  nodeName: {node}\n  containers:\n  - {{name: c, image: x, ports: {ports}}}\nstatus: {status}\n"
+        );
+        parse_manifests(&text).unwrap().pods.remove(0)
+    }
+
+    const RUNNING: &str =
+        "{phase: Running, podIP: 10.0.1.7, podIPs: [{ip: 10.0.1.7}, {ip: 'fd10::7'}]}";
+
+    fn dual_stack_n1() -> NodeContext {
+        NodeContext {
+            node_name: Some("n1".into()),
+            node_ips: vec![ip("192.168.1.5"), ip("fd00::5")],
+        }
+    }
+
+    fn only(l: &[L4Addr]) -> String {
+        assert_eq!(l.len(), 1, "exactly one backend: {l:?}");
+        let b = l[0];
+        match b.ip().unwrap() {
+            IpAddr::V6(v6) => format!("[{v6}]:{}", b.host_port()),
+            v4 => format!("{v4}:{}", b.host_port()),
+        }
+    }
+
+    #[test]
+    fn host_ports_answer_on_node_ips_or_host_ip_with_the_pod_of_the_same_family() {
+        let p = pod(
+            "web-0",
+            "n1",
+            "[{containerPort: 80, hostPort: 8080}, \
+              {containerPort: 53, hostPort: 5353, protocol: UDP, hostIP: 192.168.1.5}, \
+              {containerPort: 90, hostPort: 9090, hostIP: 0.0.0.0}, \
+              {containerPort: 91, hostPort: 9191, hostIP: '::'}, \
+              {containerPort: 7000}]",
+            RUNNING,
+        );
+        let (d, skipped) = desired_with_pods(&[], &[], &[p], &dual_stack_n1());
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let mut got: Vec<(String, u16, u8, String)> = d
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.ip().unwrap().to_string(),
+                    k.host_port(),
+                    k.proto,
+                    only(&v.ready),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("192.168.1.5", 5353, IPPROTO_UDP, "10.0.1.7:53"),
+                ("192.168.1.5", 8080, IPPROTO_TCP, "10.0.1.7:80"),
+                ("192.168.1.5", 9090, IPPROTO_TCP, "10.0.1.7:90"),
+                ("fd00::5", 8080, IPPROTO_TCP, "[fd10::7]:80"),
+                ("fd00::5", 9191, IPPROTO_TCP, "[fd10::7]:91"),
+            ]
+            .map(|(a, p, pr, b)| (a.to_string(), p, pr, b.to_string()))
+        );
+        let web = &d[&SvcKey::new(ip("192.168.1.5"), 8080, IPPROTO_TCP)];
+        assert_eq!(web.name, "shop/web-0:8080/TCP");
+        assert_eq!(
+            web.flags,
+            SVC_F_NODEPORT | SVC_F_LOCAL_ONLY,
+            "local: no SNAT"
+        );
+        assert_eq!(web.affinity_timeout, 0);
+        assert!(web.terminating.is_empty());
+        assert_eq!(
+            d[&SvcKey::new(ip("192.168.1.5"), 5353, IPPROTO_UDP)].name,
+            "shop/web-0:5353/UDP"
+        );
+
+        // A single-stack pod on the dual-stack node answers on the IPv4 node IP only.
+        let v4 = pod(
+            "v4",
+            "n1",
+            "[{containerPort: 80, hostPort: 8080}]",
+            "{podIP: 10.0.1.8}",
+        );
+        let (d, skipped) = desired_with_pods(&[], &[], &[v4], &dual_stack_n1());
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            only(&d[&SvcKey::new(ip("192.168.1.5"), 8080, IPPROTO_TCP)].ready),
+            "10.0.1.8:80"
+        );
+    }
+
+    #[test]
+    fn only_running_pods_of_this_node_with_an_address_count() {
+        let ports = "[{containerPort: 80, hostPort: 8080}]";
+        let key = SvcKey::new(ip("192.168.1.5"), 8080, IPPROTO_TCP);
+        let count = |p: Pod, node: &NodeContext| {
+            let (d, skipped) = desired_with_pods(&[], &[], &[p], node);
+            assert!(skipped.is_empty(), "{skipped:?}");
+            d.contains_key(&key)
+        };
+        let n1 = dual_stack_n1();
+        assert!(count(pod("a", "n1", ports, RUNNING), &n1));
+        assert!(
+            !count(pod("a", "n2", ports, RUNNING), &n1),
+            "another node's pod"
+        );
+        for phase in ["Succeeded", "Failed"] {
+            let status = RUNNING.replace("Running", phase);
+            assert!(!count(pod("a", "n1", ports, &status), &n1), "{phase}");
+        }
+        assert!(
+            !count(pod("a", "n1", ports, "{phase: Pending}"), &n1),
+            "no address yet"
+        );
+        let mut deleting = pod("a", "n1", ports, RUNNING);
+        deleting.metadata.deletion_timestamp =
+            Some(serde_json::from_str("\"2026-12-03T10:00:00Z\"").unwrap());
+        assert!(
+            count(deleting, &n1),
+            "a pod being deleted serves until it stops"
+        );
+        // No node name (a manifests file and no --node-name): the file's pods are this node's.
+        let anonymous = NodeContext {
+            node_name: None,
+            ..dual_stack_n1()
+        };
+        assert!(count(pod("a", "n2", ports, RUNNING), &anonymous));
+        // No node IP and no hostIP: nowhere to answer.
+        assert!(!count(
+            pod("a", "n1", ports, RUNNING),
+            &NodeContext::default()
+        ));
+    }
+
+    #[test]
+    fn a_service_keeps_a_frontend_a_host_port_also_names() {
+        let m = parse_manifests(MANIFESTS).unwrap();
+        let clash = pod(
+            "clash",
+            "n1",
+            "[{containerPort: 80, hostPort: 30080}, {containerPort: 81, hostPort: 8081}]",
+            RUNNING,
+        );
+        let second = pod(
+            "second",
+            "n1",
+            "[{containerPort: 82, hostPort: 8081}]",
+            RUNNING,
+        );
+        let node = NodeContext {
+            node_name: Some("n1".into()),
+            node_ips: vec![ip("192.168.1.5")],
+        };
+        // Given in the wrong order: the first by namespace/name wins, not the first listed.
+        let (d, skipped) = desired_with_pods(&m.services, &m.slices, &[second, clash], &node);
+        let np = &d[&SvcKey::new(ip("192.168.1.5"), 30080, IPPROTO_TCP)];
+        assert_eq!(np.name, "shop/web:http");
+        assert_eq!(np.flags, SVC_F_NODEPORT);
+        assert_eq!(np.ready.len(), 2, "the Service's endpoints, not the pod");
+        let other = &d[&SvcKey::new(ip("192.168.1.5"), 8081, IPPROTO_TCP)];
+        assert_eq!(
+            other.name, "shop/clash:8081/TCP",
+            "the pod's other hostPort is served"
+        );
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert_eq!(skipped[0].object, "Pod shop/clash");
+        assert!(
+            skipped[0].reason.contains("30080/TCP on 192.168.1.5")
+                && skipped[0].reason.contains("Service shop/web:http"),
+            "{skipped:?}"
+        );
+        assert_eq!(skipped[1].object, "Pod shop/second");
+        assert!(skipped[1].reason.contains("Pod shop/clash"), "{skipped:?}");
+    }
+
+    #[test]
+    fn bad_host_port_values_skip_the_pod_naming_the_field() {
+        let good = "{containerPort: 80, hostPort: 8080}";
+        let cases = [
+            (
+                format!("[{good}, {{containerPort: 80, hostPort: 70000}}]"),
+                RUNNING,
+                "spec.containers[0].ports[1].hostPort 70000",
+            ),
+            (
+                format!("[{good}, {{containerPort: 80, hostPort: -1}}]"),
+                RUNNING,
+                "ports[1].hostPort -1",
+            ),
+            (
+                format!("[{{containerPort: 0, hostPort: 8081}}, {good}]"),
+                RUNNING,
+                "ports[0].containerPort 0",
+            ),
+            (
+                format!("[{good}, {{containerPort: 80, hostPort: 8081, hostIP: 1.2.3}}]"),
+                RUNNING,
+                "ports[1].hostIP \"1.2.3\"",
+            ),
+            (
+                format!("[{good}, {{containerPort: 80, hostPort: 8081, protocol: QUIC}}]"),
+                RUNNING,
+                "ports[1].protocol: unknown protocol \"QUIC\"",
+            ),
+            (
+                format!("[{good}]"),
+                "{podIP: 10.0.0.x}",
+                "status.podIP \"10.0.0.x\"",
+            ),
+            (
+                format!("[{good}]"),
+                "{podIPs: [{ip: nope}]}",
+                "status.podIPs \"nope\"",
+            ),
+            (
+                format!("[{good}, {{containerPort: 80, hostPort: 8081, hostIP: 'fd00::5'}}]"),
+                "{podIP: 10.0.1.7}",
+                "ports[1].hostIP fd00::5: the pod has no IPv6 address",
+            ),
+            (
+                format!("[{good}, {{containerPort: 81, hostPort: 8080}}]"),
+                RUNNING,
+                "ports[1].hostPort 8080/TCP on 192.168.1.5 is declared twice",
+            ),
+        ];
+        for (ports, status, want) in cases {
+            let p = pod("bad", "n1", &ports, status);
+            let (d, skipped) = desired_with_pods(&[], &[], &[p], &dual_stack_n1());
+            assert!(
+                d.is_empty(),
+                "{ports}: the good port is not served either: {d:?}"
+            );
+            assert_eq!(skipped.len(), 1, "{ports}");
+            assert_eq!(skipped[0].object, "Pod shop/bad");
+            assert!(
+                skipped[0].reason.contains(want),
+                "{ports}: {:?} lacks {want:?}",
+                skipped[0].reason
+            );
+        }
     }
 }

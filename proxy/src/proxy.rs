@@ -22,12 +22,12 @@ use crate::kube_source::{self, ApiSource, Index, KubeSourceError, SourceEvent, U
 use crate::loader::{self, LoaderError};
 use crate::manifests::{ManifestError, read_manifests};
 use crate::maps::{MapsError, PinnedMaps};
-use crate::model::{NodeContext, desired};
+use crate::model::{NodeContext, desired_with_pods};
 use crate::sync::{Applied, SyncError};
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// Multi-document YAML of Services and EndpointSlices (the file source, `Proxy::start`;
+    /// Multi-document YAML of Services, EndpointSlices and Pods (the file source, `Proxy::start`;
     /// `Proxy::start_api` does not read it).
     pub manifests: PathBuf,
     /// cgroup v2 directory the socket hooks attach to.
@@ -107,7 +107,7 @@ pub struct Proxy {
 fn sync_once(cfg: &ProxyConfig, shared: &Mutex<Shared>) -> Result<usize, ProxyError> {
     let start = Instant::now();
     let m = read_manifests(&cfg.manifests)?;
-    let (want, skipped) = desired(&m.services, &m.slices, &cfg.node);
+    let (want, skipped) = desired_with_pods(&m.services, &m.slices, &m.pods, &cfg.node);
     for s in &skipped {
         tracing::warn!(object = %s.object, "skipped: {}", s.reason);
     }
