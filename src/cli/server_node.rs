@@ -311,11 +311,14 @@ impl NodeRoles {
         });
         let agent = tokio::spawn(run_agent(plan.agent, kubeconfig.clone(), join_token));
         let proxy = match plan.proxy {
-            Some(p) => Some(
-                start_proxy(p, kubeconfig)
-                    .await
-                    .context("start the service proxy (or pass --disable-proxy)")?,
-            ),
+            Some(p) => match start_proxy(p, kubeconfig).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    // The caller gets no NodeRoles to shut down: stop the agent here.
+                    agent.abort();
+                    return Err(e.context("start the service proxy (or pass --disable-proxy)"));
+                }
+            },
             None => None,
         };
         Ok(NodeRoles {
