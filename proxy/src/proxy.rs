@@ -252,7 +252,8 @@ async fn api_loop(
     shared: Arc<Mutex<Shared>>,
     mut stop_rx: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let mut events = kube_source::events(client);
+    let pod_fields = kube_source::pod_field_selector(&node);
+    let mut events = kube_source::events(client, pod_fields.as_deref());
     let mut index = Index::new(node);
     let mut retry: Option<tokio::time::Instant> = None;
     loop {
@@ -285,7 +286,17 @@ async fn api_loop(
             match ev {
                 SourceEvent::Service(e) => index.on_service(*e),
                 SourceEvent::Slice(e) => index.on_slice(*e),
+                SourceEvent::Pod(e) => index.on_pod(*e),
                 SourceEvent::Error { kind, error } => {
+                    if kind == "Pod"
+                        && kube_source::is_forbidden(&error)
+                        && index.pods_unavailable()
+                    {
+                        tracing::warn!(
+                            "this node's Pods cannot be listed ({error}): hostPorts are not \
+                             served until list/watch on pods is granted; Services are"
+                        );
+                    }
                     tracing::warn!(kind, "watch failed, the watcher retries: {error}");
                     if let Ok(mut s) = shared.lock() {
                         s.metrics.watch_errors += 1;
@@ -332,15 +343,24 @@ impl Proxy {
 
     /// API source: builds the client (a bad kubeconfig or refused credentials fail here, before
     /// the installed proxy is touched), installs (or takes over) the programs and starts the
-    /// watchers. The maps keep what they hold until both Services and EndpointSlices are
-    /// listed; then a full resync, then only the frontends each event changes. /healthz
+    /// watchers. The maps keep what they hold until Services, EndpointSlices and (with a node
+    /// name) this node's Pods are listed (Pods the credentials may not list are left out);
+    /// then a full resync, then only the frontends each event changes. /healthz
     /// answers 503 until that first sync (`syncs()` counts it).
     pub fn start_api(cfg: ProxyConfig, source: &ApiSource) -> Result<Proxy, ProxyError> {
         let rt = runtime()?;
         let client = rt.block_on(async {
             let (client, url) = kube_source::client(source).await?;
             kube_source::probe(&client, &url).await?;
-            tracing::info!(%url, "watching Services and EndpointSlices");
+            match kube_source::pod_field_selector(&cfg.node) {
+                Some(f) => {
+                    tracing::info!(%url, pods = %f, "watching Services, EndpointSlices and Pods")
+                }
+                None => tracing::info!(
+                    %url,
+                    "watching Services and EndpointSlices (no node name: no hostPorts)"
+                ),
+            }
             Ok::<_, KubeSourceError>(client)
         })?;
         let shared = install(&cfg)?;
