@@ -18,6 +18,10 @@ fn main() -> std::process::ExitCode {
         ),
         ("oom_kill_is_recorded", oom_kill_is_recorded),
         (
+            "device_cgroup_allows_only_the_default_devices",
+            device_cgroup_allows_only_the_default_devices,
+        ),
+        (
             "limits_are_in_the_cgroup_and_update",
             limits_are_in_the_cgroup_and_update,
         ),
@@ -161,6 +165,54 @@ fn limits_are_in_the_cgroup_and_update() -> anyhow::Result<()> {
         .filter(|l| l.starts_with("Rss") || l.starts_with("VmRSS"))
         .collect();
     eprintln!("monitor {mpid} {rss:?}");
+    Ok(())
+}
+
+/// Deny-all plus the default allow list (which libcgroups appends): /dev/zero and /dev/null
+/// open, a block device node the container may create (CAP_MKNOD, `b *:* m`) does not.
+fn device_cgroup_allows_only_the_default_devices() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let (exit, lines, _) = env.run_to_exit(&env.sh(
+        "head -c 3 /dev/zero | wc -c; echo x > /dev/null && echo null=ok; \
+         mknod /tmp/loop0 b 7 0 && echo mknod=ok; head -c 1 /tmp/loop0; echo open=$?",
+    ))?;
+    ensure!(
+        exit.exit_code == 0
+            && lines.first().map(|l| l.trim()) == Some("3")
+            && lines.iter().any(|l| l == "null=ok")
+            && lines.iter().any(|l| l == "mknod=ok")
+            && lines
+                .iter()
+                .any(|l| l.starts_with("open=") && l != "open=0"),
+        "{exit:?} {lines:?}"
+    );
+    if !keel_runtime::container::cgroups::is_v2() {
+        let id = env.run(&env.sh("sleep 300"))?;
+        let list = read_trim(
+            env.cgroup_dir("devices", &id)
+                .context("no devices cgroup")?
+                .join("devices.list"),
+        )?;
+        env.rt.stop(&id, Duration::from_secs(1))?;
+        let mut rules: Vec<&str> = list.lines().collect();
+        rules.sort_unstable();
+        let mut want = vec![
+            "b *:* m",
+            "c *:* m",
+            "c 1:3 rwm",
+            "c 1:5 rwm",
+            "c 1:7 rwm",
+            "c 1:8 rwm",
+            "c 1:9 rwm",
+            "c 5:0 rwm",
+            "c 5:1 rwm",
+            "c 5:2 rwm",
+            "c 10:200 rwm",
+            "c 136:* rwm",
+        ];
+        want.sort_unstable();
+        ensure!(rules == want, "devices.list: {rules:?}");
+    }
     Ok(())
 }
 
