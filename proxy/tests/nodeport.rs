@@ -5,66 +5,30 @@
 //! (source preservation, externalTrafficPolicy=Local). A NodePort without endpoints rejects:
 //! the client's connect() is refused by a TCP RST and its UDP socket gets ECONNREFUSED from an
 //! ICMP port unreachable, at once, with and without checksum offload. Addresses 10.88.0.0/24 and
-//! 10.89.0.0/24 exist only inside the test's namespaces.
+//! 10.89.0.0/24 exist only inside the test's namespaces (`support::node`).
+
+mod support;
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use keel_ebpf::{IPPROTO_TCP, IPPROTO_UDP, SvcKey, SvcStats, SvcVal, map_names};
-use keel_proxy::{Proxy, ProxyConfig};
-use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, VethPair};
-
-fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let file = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
-    std::thread::spawn(move || -> Result<T> {
-        rustix::thread::move_into_link_name_space(
-            file.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-}
+use keel_proxy::Proxy;
+use keel_testkit::NetnsGuard;
+use support::node::{BACKEND_MAC, NodeNet};
+use support::{in_netns_wait as in_netns, privileged};
 
 #[test]
 fn nodeport_from_an_external_namespace_reaches_a_backend_keeping_the_client_address() -> Result<()>
 {
-    if !keel_testkit::privileged("nodeport_from_an_external_namespace") {
-        return Ok(());
-    }
-    let root = StateRoot::new()?;
-    let pins = root.subdir("bpffs")?;
-    keel_testkit::run("mount", &["-t", "bpf", "bpf", pins.to_str().unwrap()])?;
-    let cgroup = CgroupGuard::new()?;
-    let ext = NetnsGuard::new()?;
-    let node = NetnsGuard::new()?;
-    let backend = NetnsGuard::new()?;
-    let _v1 = VethPair::between(&ext, "e0", &node, "n0")?;
-    let _v2 = VethPair::between(&node, "n1", &backend, "eth0")?;
-    ext.exec("ip", &["addr", "add", "10.88.0.1/24", "dev", "e0"])?;
-    ext.exec("ip", &["link", "set", "e0", "up"])?;
-    node.exec("ip", &["addr", "add", "10.88.0.2/24", "dev", "n0"])?;
-    node.exec("ip", &["addr", "add", "10.89.0.1/24", "dev", "n1"])?;
-    node.exec("ip", &["link", "set", "n0", "up"])?;
-    node.exec("ip", &["link", "set", "n1", "up"])?;
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    // Reverse-NATed replies carry the node's own address as source when they are routed on.
-    for k in [
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.n1.rp_filter=0",
-        "net.ipv4.conf.n1.accept_local=1",
-    ] {
-        node.exec("sysctl", &["-qw", k])?;
-    }
-    backend.exec("ip", &["addr", "add", "10.89.0.2/24", "dev", "eth0"])?;
-    backend.exec("ip", &["link", "set", "eth0", "up"])?;
-    backend.exec("ip", &["route", "add", "default", "via", "10.89.0.1"])?;
+    privileged!("nodeport_from_an_external_namespace");
+    let net = NodeNet::new()?;
+    let (root, ext, backend) = (&net.root, &net.ext, &net.backend);
 
     let listener = in_netns(&backend.path(), || TcpListener::bind("0.0.0.0:8080"))??;
     std::thread::spawn(move || {
@@ -80,20 +44,7 @@ fn nodeport_from_an_external_namespace_reaches_a_backend_keeping_the_client_addr
         &manifests,
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: test}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.10\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: test, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints: [{addresses: [10.89.0.2]}]\n",
     )?;
-    let cfg = ProxyConfig {
-        manifests,
-        cgroup: cgroup.v2_path().context("cgroup v2")?.to_owned(),
-        bpffs_dir: pins.join("keel"),
-        healthz_addr: "127.0.0.1:0".parse()?,
-        metrics_addr: None,
-        poll_interval: Duration::from_millis(50),
-        node: keel_proxy::model::NodeContext {
-            node_name: None,
-            node_ips: vec!["10.88.0.2".parse()?],
-        },
-        tc_interfaces: vec!["n0".into(), "n1".into()],
-        tc_netns: Some(node.path()),
-    };
+    let cfg = net.config(&manifests, &["n0", "n1"])?;
     let proxy = Proxy::start(cfg.clone())?;
 
     let ask = || -> Result<String> {
@@ -179,20 +130,9 @@ fn set_csum_offload(dev: &str, cmd: u32, on: bool) -> Result<()> {
 
 #[test]
 fn nodeport_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
-    if !keel_testkit::privileged("nodeport_without_endpoints_refuses_tcp_and_udp_at_once") {
-        return Ok(());
-    }
-    let root = StateRoot::new()?;
-    let pins = root.subdir("bpffs")?;
-    keel_testkit::run("mount", &["-t", "bpf", "bpf", pins.to_str().unwrap()])?;
-    let cgroup = CgroupGuard::new()?;
-    let ext = NetnsGuard::new()?;
-    let node = NetnsGuard::new()?;
-    let _v = VethPair::between(&ext, "e0", &node, "n0")?;
-    ext.exec("ip", &["addr", "add", "10.88.0.1/24", "dev", "e0"])?;
-    ext.exec("ip", &["link", "set", "e0", "up"])?;
-    node.exec("ip", &["addr", "add", "10.88.0.2/24", "dev", "n0"])?;
-    node.exec("ip", &["link", "set", "n0", "up"])?;
+    privileged!("nodeport_without_endpoints_refuses_tcp_and_udp_at_once");
+    let net = NodeNet::new()?;
+    let (root, ext, node) = (&net.root, &net.ext, &net.node);
 
     // The node itself listens on both NodePorts: without the tc program the connect would be
     // accepted and the datagram received, so a refusal can only be the program's answer.
@@ -204,20 +144,7 @@ fn nodeport_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
         &manifests,
         "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: test}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.11\n  ports:\n  - {name: http, port: 80, protocol: TCP, nodePort: 30080}\n  - {name: dns, port: 53, protocol: UDP, nodePort: 30081}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: empty-1, namespace: test, labels: {kubernetes.io/service-name: empty}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\nendpoints: []\n",
     )?;
-    let cfg = ProxyConfig {
-        manifests,
-        cgroup: cgroup.v2_path().context("cgroup v2")?.to_owned(),
-        bpffs_dir: pins.join("keel"),
-        healthz_addr: "127.0.0.1:0".parse()?,
-        metrics_addr: None,
-        poll_interval: Duration::from_millis(50),
-        node: keel_proxy::model::NodeContext {
-            node_name: None,
-            node_ips: vec!["10.88.0.2".parse()?],
-        },
-        tc_interfaces: vec!["n0".into()],
-        tc_netns: Some(node.path()),
-    };
+    let cfg = net.config(&manifests, &["n0"])?;
     let proxy = Proxy::start(cfg.clone())?;
 
     let connect = || -> Result<std::io::Error> {
@@ -250,15 +177,9 @@ fn nodeport_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
         ("offload on", vec![]),
         (
             "n0 tx-checksum off, e0 rx-checksum off",
-            vec![
-                (&node, "n0", ETHTOOL_STXCSUM),
-                (&ext, "e0", ETHTOOL_SRXCSUM),
-            ],
+            vec![(node, "n0", ETHTOOL_STXCSUM), (ext, "e0", ETHTOOL_SRXCSUM)],
         ),
-        (
-            "e0 tx-checksum off too",
-            vec![(&ext, "e0", ETHTOOL_STXCSUM)],
-        ),
+        ("e0 tx-checksum off too", vec![(ext, "e0", ETHTOOL_STXCSUM)]),
     ];
     for (round, offloads_off) in rounds {
         for (ns, dev, cmd) in offloads_off {
@@ -348,37 +269,9 @@ fn xdp_pass_on(ns: &NetnsGuard, dev: &'static str, bpffs_dir: &Path) -> Result<a
 
 #[test]
 fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()> {
-    if !keel_testkit::privileged("xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack") {
-        return Ok(());
-    }
-    let root = StateRoot::new()?;
-    let pins = root.subdir("bpffs")?;
-    keel_testkit::run("mount", &["-t", "bpf", "bpf", pins.to_str().unwrap()])?;
-    let cgroup = CgroupGuard::new()?;
-    let ext = NetnsGuard::new()?;
-    let node = NetnsGuard::new()?;
-    let backend = NetnsGuard::new()?;
-    let _v1 = VethPair::between(&ext, "e0", &node, "n0")?;
-    let _v2 = VethPair::between(&node, "n1", &backend, "eth0")?;
-    ext.exec("ip", &["addr", "add", "10.88.0.1/24", "dev", "e0"])?;
-    ext.exec("ip", &["link", "set", "e0", "up"])?;
-    node.exec("ip", &["addr", "add", "10.88.0.2/24", "dev", "n0"])?;
-    node.exec("ip", &["addr", "add", "10.89.0.1/24", "dev", "n1"])?;
-    node.exec("ip", &["link", "set", "n0", "up"])?;
-    node.exec("ip", &["link", "set", "n1", "up"])?;
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    for k in [
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.n1.rp_filter=0",
-        "net.ipv4.conf.n1.accept_local=1",
-    ] {
-        node.exec("sysctl", &["-qw", k])?;
-    }
-    let backend_mac = "02:00:00:00:89:02";
-    backend.exec("ip", &["link", "set", "eth0", "address", backend_mac])?;
-    backend.exec("ip", &["addr", "add", "10.89.0.2/24", "dev", "eth0"])?;
-    backend.exec("ip", &["link", "set", "eth0", "up"])?;
-    backend.exec("ip", &["route", "add", "default", "via", "10.89.0.1"])?;
+    privileged!("xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack");
+    let net = NodeNet::new()?;
+    let (root, ext, node, backend) = (&net.root, &net.ext, &net.node, &net.backend);
     // The backend's neighbour entry exists from the start, so the FIB lookup succeeds for the
     // first packet too (without it the first packets take the stack while ARP resolves).
     node.exec(
@@ -388,7 +281,7 @@ fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()>
             "replace",
             "10.89.0.2",
             "lladdr",
-            backend_mac,
+            BACKEND_MAC,
             "dev",
             "n1",
             "nud",
@@ -426,20 +319,7 @@ fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()>
         &manifests,
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: test}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.12\n  externalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, protocol: TCP, nodePort: 30080}\n  - {name: dns, port: 53, protocol: UDP, nodePort: 30081}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: test, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]\nendpoints: [{addresses: [10.89.0.2]}]\n",
     )?;
-    let cfg = ProxyConfig {
-        manifests,
-        cgroup: cgroup.v2_path().context("cgroup v2")?.to_owned(),
-        bpffs_dir: pins.join("keel"),
-        healthz_addr: "127.0.0.1:0".parse()?,
-        metrics_addr: None,
-        poll_interval: Duration::from_millis(50),
-        node: keel_proxy::model::NodeContext {
-            node_name: None,
-            node_ips: vec!["10.88.0.2".parse()?],
-        },
-        tc_interfaces: vec!["n0".into(), "n1".into()],
-        tc_netns: Some(node.path()),
-    };
+    let cfg = net.config(&manifests, &["n0", "n1"])?;
     let proxy = Proxy::start(cfg.clone())?;
     let modes = keel_proxy::install_xdp(&cfg.bpffs_dir, &["n0".into()], Some(&node.path()))?;
     assert_eq!(
@@ -447,7 +327,7 @@ fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()>
         vec![("n0".to_string(), keel_proxy::XdpAttach::Native)],
         "veth has native XDP"
     );
-    let _pass = xdp_pass_on(&backend, "eth0", &cfg.bpffs_dir)?;
+    let _pass = xdp_pass_on(backend, "eth0", &cfg.bpffs_dir)?;
 
     let ask_tcp = || -> Result<String> {
         in_netns(&ext.path(), || -> Result<String> {

@@ -1,4 +1,5 @@
-//! Helpers shared by the privileged proxy tests (socket_lb, kube_source): a client process in
+//! Helpers shared by the privileged proxy tests (socket_lb, kube_source, and `node`'s topology
+//! for nodeport and hostport): a client process in
 //! its own netns and in a cgroup v2 directory made by the test, backend namespaces reached over
 //! veth pairs (10.77.<i>.0/24, private and only inside the test's namespaces), a bpffs mounted
 //! under the test's state root; all removed when the `Topology` drops, even on failure.
@@ -8,6 +9,8 @@
 //! backend answered.
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
+
+pub mod node;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -54,6 +57,53 @@ impl Drop for Topology {
         // Detach and unpin before the state root unmounts the bpffs.
         let _ = keel_proxy::uninstall(&self.bpffs);
     }
+}
+
+/// Runs `f` on a thread that entered the network namespace `ns` and returns its result.
+pub fn in_netns_wait<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let file = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
+    std::thread::spawn(move || -> Result<T> {
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// Runs the client helper (`client_main`, the test binary re-executed) inside the cgroup v2
+/// directory `cgroup` and the network namespace `netns`; returns its RESULT lines.
+pub fn run_client(cgroup: &Path, netns: &NetnsGuard, cmd: &str) -> Result<Vec<String>> {
+    let exe = std::env::current_exe()?;
+    let procs = cgroup.join("cgroup.procs");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec ip netns exec {} \"$0\" client_helper --exact --nocapture --test-threads=1",
+            procs.display(),
+            netns.name()
+        ))
+        .arg(&exe)
+        .env("KEEL_PROXY_CLIENT", cmd)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "client {cmd}: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Runs `f` on a thread that entered the network namespace `ns`.
@@ -210,31 +260,7 @@ impl Topology {
 
     /// Runs the client helper inside the cgroup and the client netns; returns its RESULT lines.
     pub fn client(&self, cmd: &str) -> Result<Vec<String>> {
-        let exe = std::env::current_exe()?;
-        let procs = self.cgroup.v2_path().unwrap().join("cgroup.procs");
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {} && exec ip netns exec {} \"$0\" client_helper --exact --nocapture --test-threads=1",
-                procs.display(),
-                self.client.name()
-            ))
-            .arg(&exe)
-            .env("KEEL_PROXY_CLIENT", cmd)
-            .output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "client {cmd}: {}\n{stdout}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("RESULT "))
-            .map(str::to_owned)
-            .collect())
+        run_client(self.cgroup.v2_path().unwrap(), &self.client, cmd)
     }
 }
 
