@@ -27,8 +27,15 @@ struct Cli {
     #[arg(long, global = true, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
 
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `keel_runtime=debug`.
-    #[arg(long, global = true, env = "KEEL_LOG", default_value = "warn")]
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `keel_runtime=debug`. The default
+    /// keeps libcgroups to errors: it warns about every cgroup v1 controller the host lacks,
+    /// on every container removal.
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_LOG",
+        default_value = "warn,libcgroups=error"
+    )]
     log: String,
 
     #[command(subcommand)]
