@@ -25,6 +25,10 @@ use clap::Parser;
 struct Cli {
     #[arg(value_enum)]
     which: Bench,
+    /// proxy only: run just this part (repeatable; default all), e.g.
+    /// `cargo xtask bench proxy --only nodeport`.
+    #[arg(long, value_enum)]
+    only: Vec<proxy::Part>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -42,7 +46,8 @@ enum Bench {
     Cri,
     /// Container lifecycle and pod sandbox latency, idle monitor RSS: keel vs runc.
     Runtime,
-    /// Service load balancing: keel's socket LB vs kube-proxy's iptables rules (1..10,000 services).
+    /// Service load balancing: keel's socket LB vs kube-proxy's iptables rules (1..10,000
+    /// services); NodePort UDP packet rate through keel's XDP and tc programs vs iptables DNAT.
     Proxy,
     /// Scheduler: 1,000 simulated nodes, 10,000 pods: pods bound/s and create-to-bound p99.
     Scheduler,
@@ -51,14 +56,18 @@ enum Bench {
 fn main() -> anyhow::Result<()> {
     // kube-rs's client (api, scheduler, cluster) needs one process-wide rustls provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match Cli::parse().which {
+    let cli = Cli::parse();
+    if !cli.only.is_empty() && !matches!(cli.which, Bench::Proxy) {
+        bail!("--only picks parts of `bench proxy` only");
+    }
+    match cli.which {
         Bench::Api => api::run(),
         Bench::Cluster => cluster::run(),
         Bench::Images => images::run(),
         Bench::Cni => cni::run(),
         Bench::Cri => cri::run(),
         Bench::Runtime => runtime::run(),
-        Bench::Proxy => proxy::run(),
+        Bench::Proxy => proxy::run(&cli.only),
         Bench::Scheduler => scheduler::run(),
     }
 }

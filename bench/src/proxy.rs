@@ -7,29 +7,22 @@
 //! 2. time to apply one endpoint change with 10,000 services: keel's map diff + update against
 //!    `iptables-restore` of the full ruleset;
 //! 3. one TCP stream's throughput via the ClusterIP against the backend address directly;
-//! 4. NodePort small-UDP packet rate from outside the node: keel's tc programs against
-//!    kube-proxy's NodePort DNAT (KUBE-NODEPORTS -> KUBE-EXT -> KUBE-SVL -> KUBE-SEP), counted
-//!    at the backend, so drops count against the path.
+//! 4. NodePort small-UDP packet rate from outside the node: keel's XDP and tc programs against
+//!    kube-proxy's NodePort DNAT, counted at the backend (proxy/nodeport.rs).
 //!
 //! Topology of 1-3: a client netns and a backend netns over a veth (10.66.0.0/24); the anchor's
 //! rules live in the client netns's own nat table (never the host's), keel's programs on a cgroup
 //! made here, which this process joins for the run (and leaves before it is removed).
-//!
-//! Topology of 4, as proxy/tests/nodeport.rs has it: an "external" client netns, a "node" netns
-//! with the NodePort address on its external veth and a backend netns behind a second veth
-//! (10.88.0.0/24 and 10.89.0.0/24, only inside these namespaces). Made three times, so that no
-//! node sees another's netfilter tables: one node for keel's tc programs, one for kube-proxy's
-//! rules, and one that translates nothing (the client sends to the backend's own address): the
-//! ceiling of any ratio on this path.
+//! `--only socket` runs 1-3, `--only nodeport` runs 4.
+
+mod nodeport;
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -223,10 +216,21 @@ impl Drop for Joined {
     }
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// The parts of `bench proxy` that `--only` picks.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// 1-3: the socket-level load balancer (connect latency, endpoint update, TCP stream).
+    Socket,
+    /// 4: NodePort small-UDP packet rate through keel's XDP and tc programs.
+    Nodeport,
+}
+
+/// Runs the `only` parts (all when empty).
+pub fn run(only: &[Part]) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
         bail!("bench proxy needs root (network namespaces, BPF, cgroups)");
     }
+    let wanted = |p: Part| only.is_empty() || only.contains(&p);
     let ipt = iptables_restore_bin()?;
     let root = StateRoot::new()?;
     let pins = root.subdir("bpffs")?;
@@ -234,6 +238,19 @@ pub fn run() -> anyhow::Result<()> {
         "mount",
         &["-t", "bpf", "bpf", pins.to_str().unwrap_or_default()],
     )?;
+    if wanted(Part::Socket) {
+        socket(&root, &pins, ipt)?;
+    }
+    // (4) runs back in our own cgroup: its senders are "external" clients, which no socket hook
+    // of keel's may see (the NodePort proxy's hooks go on a cgroup of their own, left empty).
+    if wanted(Part::Nodeport) {
+        nodeport::run(&root, &pins, ipt)?;
+    }
+    Ok(())
+}
+
+/// 1-3, in a client and a backend netns, with this process in the cgroup keel's hooks are on.
+fn socket(root: &StateRoot, pins: &Path, ipt: &str) -> anyhow::Result<()> {
     let bpffs_dir = pins.join("keel");
     let cgroup = CgroupGuard::new()?;
     let cg = cgroup
@@ -256,13 +273,10 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
         .context("join bench cgroup")?;
     let joined = Joined { home };
-    let result = measure(&root, &bpffs_dir, &cg, &client, ipt);
+    let result = measure(root, &bpffs_dir, &cg, &client, ipt);
     let _ = keel_proxy::uninstall(&bpffs_dir);
     drop(joined);
-    result?;
-    // (4) runs back in our own cgroup: its senders are "external" clients, which no socket hook
-    // of keel's may see (the NodePort proxy's hooks go on a cgroup of their own, left empty).
-    nodeport(&root, &pins, ipt)
+    result
 }
 
 fn measure(
@@ -389,415 +403,6 @@ fn measure(
     println!(
         "  via ClusterIP {v:.2} Gbit/s   direct {d:.2} Gbit/s   ratio {:.3}",
         v / d
-    );
-    Ok(())
-}
-
-// (4) NodePort small-UDP packet rate.
-
-const NP_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
-const NP_PORT: u16 = 30053;
-const NP_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 2);
-const NP_BACKEND_PORT: u16 = 8053;
-const NP_PAYLOAD: usize = 64;
-/// Datagrams per sendmmsg/recvmmsg call.
-const NP_BATCH: usize = 64;
-const NP_WARMUP: Duration = Duration::from_secs(1);
-/// Measured windows per side, alternating keel and iptables, so a burst of other load on the
-/// machine falls on both.
-const NP_ROUNDS: u32 = 2;
-const NP_WINDOW: Duration = Duration::from_millis(1500);
-
-const NODEPORT_MANIFESTS: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: b}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.10\n  externalTrafficPolicy: Local\n  ports: [{name: u, port: 53, protocol: UDP, nodePort: 30053}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: np-1, namespace: b, labels: {kubernetes.io/service-name: np}}\naddressType: IPv4\nports: [{name: u, port: 8053, protocol: UDP}]\nendpoints: [{addresses: [10.89.0.2]}]\n";
-
-/// The nat table kube-proxy's iptables mode writes for that service (UDP NodePort,
-/// externalTrafficPolicy=Local, one endpoint on this node, --cluster-cidr 10.244.0.0/16), as
-/// `iptables-save` shows it: the nodeport jump last in KUBE-SERVICES, KUBE-NODEPORTS ->
-/// KUBE-EXT -> KUBE-SVL -> KUBE-SEP DNAT, and the masquerade plumbing. The rules are walked
-/// for a flow's first packet; conntrack translates the rest, as on a real node. kube-proxy's
-/// filter-table chains (KUBE-FORWARD, KUBE-FIREWALL, ...) are left out: they would only add
-/// per-packet work to the anchor.
-fn nodeport_iptables_rules() -> String {
-    let (svc, sep) = ("KEELBENCHNPUDP53", "KEELBENCHNPEP001");
-    let c = "b/np:u";
-    let be = format!("{NP_BACKEND}:{NP_BACKEND_PORT}");
-    format!(
-        "*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:KUBE-SERVICES - [0:0]
-:KUBE-NODEPORTS - [0:0]
-:KUBE-POSTROUTING - [0:0]
-:KUBE-MARK-MASQ - [0:0]
-:KUBE-EXT-{svc} - [0:0]
-:KUBE-SVL-{svc} - [0:0]
-:KUBE-SVC-{svc} - [0:0]
-:KUBE-SEP-{sep} - [0:0]
--A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
--A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
--A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
--A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
--A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
--A KUBE-SERVICES -d 10.96.8.10/32 -p udp -m comment --comment \"{c} cluster IP\" -m udp --dport 53 -j KUBE-SVC-{svc}
--A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
--A KUBE-NODEPORTS -p udp -m comment --comment \"{c}\" -m udp --dport {NP_PORT} -j KUBE-EXT-{svc}
--A KUBE-EXT-{svc} -s 10.244.0.0/16 -m comment --comment \"pod traffic for {c} external destinations\" -j KUBE-SVC-{svc}
--A KUBE-EXT-{svc} -m comment --comment \"masquerade LOCAL traffic for {c} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
--A KUBE-EXT-{svc} -m comment --comment \"route LOCAL traffic for {c} external destinations\" -m addrtype --src-type LOCAL -j KUBE-SVC-{svc}
--A KUBE-EXT-{svc} -j KUBE-SVL-{svc}
--A KUBE-SVC-{svc} ! -s 10.244.0.0/16 -d 10.96.8.10/32 -p udp -m comment --comment \"{c} cluster IP\" -m udp --dport 53 -j KUBE-MARK-MASQ
--A KUBE-SVC-{svc} -m comment --comment \"{c} -> {be}\" -j KUBE-SEP-{sep}
--A KUBE-SVL-{svc} -m comment --comment \"{c} -> {be}\" -j KUBE-SEP-{sep}
--A KUBE-SEP-{sep} -s {NP_BACKEND}/32 -m comment --comment \"{c}\" -j KUBE-MARK-MASQ
--A KUBE-SEP-{sep} -p udp -m comment --comment \"{c}\" -m udp -j DNAT --to-destination {be}
-COMMIT
-"
-    )
-}
-
-/// External client netns -- node netns (NodePort address on n0) -- backend netns (behind n1).
-struct NodePortNet {
-    // Declared first, so dropped first: the pairs go before their namespaces.
-    _veths: [VethPair; 2],
-    ext: NetnsGuard,
-    node: NetnsGuard,
-    backend: NetnsGuard,
-}
-
-impl NodePortNet {
-    fn new() -> anyhow::Result<Self> {
-        let ext = NetnsGuard::new()?;
-        let node = NetnsGuard::new()?;
-        let backend = NetnsGuard::new()?;
-        let veths = [
-            VethPair::between(&ext, "e0", &node, "n0")?,
-            VethPair::between(&node, "n1", &backend, "eth0")?,
-        ];
-        ext.exec("ip", &["addr", "add", "10.88.0.1/24", "dev", "e0"])?;
-        ext.exec("ip", &["link", "set", "e0", "up"])?;
-        // Only the ceiling's client sends to the backend's own address.
-        ext.exec(
-            "ip",
-            &[
-                "route",
-                "add",
-                "10.89.0.0/24",
-                "via",
-                &NP_NODE_IP.to_string(),
-            ],
-        )?;
-        node.exec(
-            "ip",
-            &["addr", "add", &format!("{NP_NODE_IP}/24"), "dev", "n0"],
-        )?;
-        node.exec("ip", &["addr", "add", "10.89.0.1/24", "dev", "n1"])?;
-        node.exec("ip", &["link", "set", "n0", "up"])?;
-        node.exec("ip", &["link", "set", "n1", "up"])?;
-        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        backend.exec(
-            "ip",
-            &["addr", "add", &format!("{NP_BACKEND}/24"), "dev", "eth0"],
-        )?;
-        backend.exec("ip", &["link", "set", "eth0", "up"])?;
-        backend.exec("ip", &["route", "add", "default", "via", "10.89.0.1"])?;
-        Ok(NodePortNet {
-            _veths: veths,
-            ext,
-            node,
-            backend,
-        })
-    }
-}
-
-/// Datagrams sent and received in one window.
-#[derive(Default, Clone, Copy)]
-struct Count {
-    sent: u64,
-    received: u64,
-    secs: f64,
-}
-
-impl std::ops::AddAssign for Count {
-    fn add_assign(&mut self, o: Count) {
-        self.sent += o.sent;
-        self.received += o.received;
-        self.secs += o.secs;
-    }
-}
-
-/// `n` headers, each with one iovec (`iovs[i]`).
-fn mmsghdrs(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
-    iovs.iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is plain data; all zeroes is a header without address or control
-            // data.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect()
-}
-
-/// Sends NP_PAYLOAD-byte datagrams on the connected `sock` until `stop`; returns how many the
-/// kernel took, and the last error if it never took one.
-fn udp_send(sock: &UdpSocket, stop: &AtomicBool) -> (u64, Option<std::io::Error>) {
-    let payload = [0x6bu8; NP_PAYLOAD];
-    let mut iovs: Vec<libc::iovec> = (0..NP_BATCH)
-        .map(|_| libc::iovec {
-            // The kernel only reads from a sent iovec.
-            iov_base: payload.as_ptr().cast_mut().cast(),
-            iov_len: payload.len(),
-        })
-        .collect();
-    let mut msgs = mmsghdrs(&mut iovs);
-    let (mut sent, mut err) = (0u64, None);
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: `msgs` holds NP_BATCH initialised headers whose iovecs point into `payload`;
-        // all outlive the call.
-        let n = unsafe {
-            libc::sendmmsg(
-                sock.as_raw_fd(),
-                msgs.as_mut_ptr(),
-                NP_BATCH as libc::c_uint,
-                0,
-            )
-        };
-        match u64::try_from(n) {
-            Ok(n) => sent += n,
-            // ENOBUFS, or ECONNREFUSED after an ICMP error: try again, count nothing.
-            Err(_) => err = Some(std::io::Error::last_os_error()),
-        }
-    }
-    (sent, if sent == 0 { err } else { None })
-}
-
-/// Counts datagrams on `sock` until `stop` is set and a read times out (the queue is drained).
-fn udp_count(sock: &UdpSocket, stop: &AtomicBool) -> u64 {
-    let mut bufs = vec![[0u8; 2 * NP_PAYLOAD]; NP_BATCH];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let mut msgs = mmsghdrs(&mut iovs);
-    let mut got = 0u64;
-    loop {
-        // SAFETY: `msgs` holds NP_BATCH initialised headers whose iovecs point into `bufs`; all
-        // outlive the call. No timeout pointer: SO_RCVTIMEO bounds the wait.
-        let n = unsafe {
-            libc::recvmmsg(
-                sock.as_raw_fd(),
-                msgs.as_mut_ptr(),
-                NP_BATCH as libc::c_uint,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        match u64::try_from(n) {
-            Ok(n) => got += n,
-            Err(_) if stop.load(Ordering::Relaxed) => return got,
-            Err(_) => {}
-        }
-    }
-}
-
-/// A receive queue that absorbs a few ms of the receiver being scheduled out (same on both
-/// sides); above net.core.rmem_max, hence FORCE (we are root).
-fn big_rcvbuf(sock: &UdpSocket) -> std::io::Result<()> {
-    let bytes: libc::c_int = 4 << 20;
-    // SAFETY: a valid socket and a c_int option value that outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const bytes).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// One window: a sender in the external netns floods `target` for `dur` while a receiver in the
-/// backend netns counts what arrives. The sockets are made inside those namespaces and used
-/// from ordinary threads (a socket keeps its namespace).
-fn udp_window(net: &NodePortNet, target: SocketAddr, dur: Duration) -> anyhow::Result<Count> {
-    let rx = in_netns(&net.backend.path(), || {
-        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, NP_BACKEND_PORT))
-    })?
-    .context("bind the backend's UDP socket")?;
-    big_rcvbuf(&rx).context("SO_RCVBUFFORCE")?;
-    rx.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let tx = in_netns(&net.ext.path(), move || -> std::io::Result<UdpSocket> {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        s.connect(target)?;
-        Ok(s)
-    })?
-    .context("connect the external client's UDP socket")?;
-    let (stop_tx, stop_rx) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let receiver = {
-        let stop = stop_rx.clone();
-        std::thread::spawn(move || udp_count(&rx, &stop))
-    };
-    let start = Instant::now();
-    let sender = {
-        let stop = stop_tx.clone();
-        std::thread::spawn(move || udp_send(&tx, &stop))
-    };
-    std::thread::sleep(dur);
-    stop_tx.store(true, Ordering::Relaxed);
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"));
-    let secs = start.elapsed().as_secs_f64();
-    // The receiver drains what is still queued, then stops at its next read timeout.
-    stop_rx.store(true, Ordering::Relaxed);
-    let received = receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-    let (sent, err) = sent?;
-    if let Some(e) = err {
-        bail!("sendmmsg to {target}: nothing sent: {e}");
-    }
-    Ok(Count {
-        sent,
-        received,
-        secs,
-    })
-}
-
-/// (4): keel's tc path against kube-proxy's NodePort DNAT, each on a node of its own, and a
-/// third node that translates nothing (the client sends to the backend's own address): the
-/// ceiling, the rate of the forwarding path alone, which bounds any ratio this can show.
-fn nodeport(root: &StateRoot, pins: &Path, ipt: &str) -> anyhow::Result<()> {
-    let keel_net = NodePortNet::new()?;
-    let ipt_net = NodePortNet::new()?;
-    let plain_net = NodePortNet::new()?;
-    iptables_restore(&ipt_net.node, ipt, &nodeport_iptables_rules())?;
-    let cgroup = CgroupGuard::new()?;
-    let manifests = root.path().join("nodeport.yaml");
-    std::fs::write(&manifests, NODEPORT_MANIFESTS)?;
-    let cfg = keel_proxy::ProxyConfig {
-        manifests,
-        cgroup: cgroup
-            .v2_path()
-            .context("no cgroup v2 hierarchy")?
-            .to_owned(),
-        bpffs_dir: pins.join("keel-nodeport"),
-        healthz_addr: "127.0.0.1:0".parse()?,
-        metrics_addr: None,
-        poll_interval: Duration::from_secs(3600),
-        node: NodeContext {
-            node_name: None,
-            node_ips: vec![IpAddr::V4(NP_NODE_IP)],
-        },
-        // As `keel proxy --tc-iface n0 --tc-iface n1` on a node: the external interface and the
-        // backend-facing one.
-        tc_interfaces: vec!["n0".into(), "n1".into()],
-        tc_netns: Some(keel_net.node.path()),
-    };
-    let result = keel_proxy::Proxy::start(cfg.clone())
-        .map_err(anyhow::Error::from)
-        .and_then(|proxy| {
-            proxy.stop();
-            nodeport_measure(&keel_net, &ipt_net, &plain_net, ipt)
-        });
-    let _ = keel_proxy::uninstall(&cfg.bpffs_dir);
-    result
-}
-
-fn nodeport_measure(
-    keel: &NodePortNet,
-    anchor: &NodePortNet,
-    plain: &NodePortNet,
-    ipt: &str,
-) -> anyhow::Result<()> {
-    // Whether the proxy's masquerade rule (for Cluster-policy flows) put a nat table, and so
-    // netfilter conntrack, on keel's node too.
-    let keel_nat = keel
-        .node
-        .exec("iptables", &["-w", "-t", "nat", "-S", "POSTROUTING"])
-        .unwrap_or_default();
-    let masq = keel_nat.contains("keel-proxy");
-    let nodeport = SocketAddr::from((NP_NODE_IP, NP_PORT));
-    let sides = [
-        ("keel tc", keel, nodeport),
-        ("iptables DNAT", anchor, nodeport),
-        (
-            "no NAT",
-            plain,
-            SocketAddr::from((NP_BACKEND, NP_BACKEND_PORT)),
-        ),
-    ];
-    for (_, net, target) in &sides {
-        udp_window(net, *target, NP_WARMUP)?;
-    }
-    let mut totals = [Count::default(); 3];
-    let mut rounds = Vec::new();
-    for _ in 0..NP_ROUNDS {
-        let mut round = [Count::default(); 3];
-        for (n, (_, net, target)) in sides.iter().enumerate() {
-            round[n] = udp_window(net, *target, NP_WINDOW)?;
-            totals[n] += round[n];
-        }
-        rounds.push(round);
-    }
-    for ((name, _, _), c) in sides.iter().zip(&totals) {
-        anyhow::ensure!(
-            c.received > 0,
-            "{name}: no datagram reached the backend ({} sent)",
-            c.sent
-        );
-    }
-    let pps = |n: u64, c: &Count| n as f64 / c.secs;
-    let rx = |c: &Count| pps(c.received, c);
-    println!(
-        "\nbench proxy: NodePort UDP, {NP_PAYLOAD}-byte datagrams from an external netns, one sender (sendmmsg), counted at the backend; {NP_ROUNDS} x {NP_WINDOW:?} per side, alternating, after a {NP_WARMUP:?} warm-up ({ipt} as anchor)"
-    );
-    for ((name, _, _), c) in sides.iter().zip(&totals) {
-        println!(
-            "  {name:<14} sent {:>9.0} pps   received {:>9.0} pps ({:.1} % delivered)",
-            pps(c.sent, c),
-            rx(c),
-            100.0 * c.received as f64 / c.sent.max(1) as f64
-        );
-    }
-    let [k, i, p] = &totals;
-    let ratio = rx(k) / rx(i);
-    let per_round: Vec<String> = rounds
-        .iter()
-        .map(|[kr, ir, _]| format!("{:.2}x", rx(kr) / rx(ir)))
-        .collect();
-    println!(
-        "  ratio keel/iptables (received) {ratio:.2}x   target >= 2x: {}   (per round: {})",
-        if ratio >= 2.0 { "met" } else { "NOT met" },
-        per_round.join(", ")
-    );
-    println!(
-        "  ceiling: no NAT/iptables {:.2}x, the most any translation could show on this path",
-        rx(p) / rx(i)
-    );
-    println!(
-        "  (keel's node: {})",
-        if masq {
-            "keel's masquerade rule in nat POSTROUTING, so netfilter conntrack runs there too"
-        } else {
-            "no nat rules, no netfilter conntrack"
-        }
     );
     Ok(())
 }

@@ -1,0 +1,587 @@
+//! `bench proxy` (4): NodePort small-UDP packet rate from outside the node, counted at the
+//! backend (so drops count against the path): keel's XDP program and keel's tc programs against
+//! kube-proxy's NodePort DNAT (KUBE-NODEPORTS -> KUBE-EXT -> KUBE-SVL -> KUBE-SEP).
+//!
+//! Topology, as proxy/tests/nodeport.rs has it: an "external" client netns, a "node" netns with
+//! the NodePort address on its external veth (n0) and a backend netns behind a second veth (n1)
+//! (10.88.0.0/24 and 10.89.0.0/24, only inside these namespaces). Made four times, so that no
+//! node sees another's programs or netfilter tables: one node for keel's XDP program (on n0, with
+//! the tc programs beside it as `keel proxy --xdp-iface n0 --tc-iface n0 --tc-iface n1` has
+//! them), one for keel's tc programs alone, one for kube-proxy's rules, and one that translates
+//! nothing (the client sends to the backend's own address): the rate of the node's forwarding
+//! path alone, the ceiling of anything that still goes through the node's stack.
+//!
+//! Set on every side alike (same sender, same receiver):
+//! - the client's veth (e0) sends complete UDP checksums (tx-checksumming off), as frames off a
+//!   NIC have them: XDP cannot see a veth's CHECKSUM_PARTIAL, its incremental update assumes a
+//!   complete checksum (ebpf/c/xdp_nodeport.c), and a partial one redirected by native XDP
+//!   reaches the backend as a bad checksum (with tx-checksumming on, none of 1.2 M arrived);
+//! - the backend's veth (eth0) has GRO on, which gives it a NAPI context: native XDP_REDIRECT
+//!   into a veth (n1) hands the frame to the peer's NAPI and drops it when the peer has none
+//!   (drivers/net/veth.c, veth_xdp_xmit). An XDP program on the peer (keel_xdp_pass) does the
+//!   same; GRO is what a pod's veth can have without loading anything;
+//! - the receiver polls (MSG_DONTWAIT) instead of sleeping (see `udp_count`).
+//!
+//! The XDP side's node-stack counters (Ip InReceives, ForwDatagrams of the node's netns) show
+//! whether its datagrams took the redirect or fell through to the stack (XDP_PASS).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use keel_proxy::model::NodeContext;
+use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, VethPair};
+
+use super::{in_netns, iptables_restore};
+
+const NP_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
+const NP_PORT: u16 = 30053;
+const NP_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 89, 0, 2);
+const NP_BACKEND_PORT: u16 = 8053;
+const NP_PAYLOAD: usize = 64;
+/// Datagrams per sendmmsg/recvmmsg call.
+const NP_BATCH: usize = 64;
+const NP_WARMUP: Duration = Duration::from_secs(1);
+/// Measured windows per side, the sides alternating, so a burst of other load on the machine
+/// falls on all of them.
+const NP_ROUNDS: u32 = 3;
+const NP_WINDOW: Duration = Duration::from_millis(1500);
+/// How long the receiver's queue stays empty after the sender stopped before the window ends.
+const NP_DRAIN: Duration = Duration::from_millis(50);
+
+const NODEPORT_MANIFESTS: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: b}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.10\n  externalTrafficPolicy: Local\n  ports: [{name: u, port: 53, protocol: UDP, nodePort: 30053}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: np-1, namespace: b, labels: {kubernetes.io/service-name: np}}\naddressType: IPv4\nports: [{name: u, port: 8053, protocol: UDP}]\nendpoints: [{addresses: [10.89.0.2]}]\n";
+
+/// The nat table kube-proxy's iptables mode writes for that service (UDP NodePort,
+/// externalTrafficPolicy=Local, one endpoint on this node, --cluster-cidr 10.244.0.0/16), as
+/// `iptables-save` shows it: the nodeport jump last in KUBE-SERVICES, KUBE-NODEPORTS ->
+/// KUBE-EXT -> KUBE-SVL -> KUBE-SEP DNAT, and the masquerade plumbing. The rules are walked
+/// for a flow's first packet; conntrack translates the rest, as on a real node. kube-proxy's
+/// filter-table chains (KUBE-FORWARD, KUBE-FIREWALL, ...) are left out: they would only add
+/// per-packet work to the anchor.
+fn nodeport_iptables_rules() -> String {
+    let (svc, sep) = ("KEELBENCHNPUDP53", "KEELBENCHNPEP001");
+    let c = "b/np:u";
+    let be = format!("{NP_BACKEND}:{NP_BACKEND_PORT}");
+    format!(
+        "*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-EXT-{svc} - [0:0]
+:KUBE-SVL-{svc} - [0:0]
+:KUBE-SVC-{svc} - [0:0]
+:KUBE-SEP-{sep} - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+-A KUBE-SERVICES -d 10.96.8.10/32 -p udp -m comment --comment \"{c} cluster IP\" -m udp --dport 53 -j KUBE-SVC-{svc}
+-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-NODEPORTS -p udp -m comment --comment \"{c}\" -m udp --dport {NP_PORT} -j KUBE-EXT-{svc}
+-A KUBE-EXT-{svc} -s 10.244.0.0/16 -m comment --comment \"pod traffic for {c} external destinations\" -j KUBE-SVC-{svc}
+-A KUBE-EXT-{svc} -m comment --comment \"masquerade LOCAL traffic for {c} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+-A KUBE-EXT-{svc} -m comment --comment \"route LOCAL traffic for {c} external destinations\" -m addrtype --src-type LOCAL -j KUBE-SVC-{svc}
+-A KUBE-EXT-{svc} -j KUBE-SVL-{svc}
+-A KUBE-SVC-{svc} ! -s 10.244.0.0/16 -d 10.96.8.10/32 -p udp -m comment --comment \"{c} cluster IP\" -m udp --dport 53 -j KUBE-MARK-MASQ
+-A KUBE-SVC-{svc} -m comment --comment \"{c} -> {be}\" -j KUBE-SEP-{sep}
+-A KUBE-SVL-{svc} -m comment --comment \"{c} -> {be}\" -j KUBE-SEP-{sep}
+-A KUBE-SEP-{sep} -s {NP_BACKEND}/32 -m comment --comment \"{c}\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-{sep} -p udp -m comment --comment \"{c}\" -m udp -j DNAT --to-destination {be}
+COMMIT
+"
+    )
+}
+
+/// External client netns -- node netns (NodePort address on n0) -- backend netns (behind n1).
+struct NodePortNet {
+    // Declared first, so dropped first: the pairs go before their namespaces.
+    _veths: [VethPair; 2],
+    ext: NetnsGuard,
+    node: NetnsGuard,
+    backend: NetnsGuard,
+}
+
+impl NodePortNet {
+    fn new() -> anyhow::Result<Self> {
+        let ext = NetnsGuard::new()?;
+        let node = NetnsGuard::new()?;
+        let backend = NetnsGuard::new()?;
+        let veths = [
+            VethPair::between(&ext, "e0", &node, "n0")?,
+            VethPair::between(&node, "n1", &backend, "eth0")?,
+        ];
+        ext.exec("ip", &["addr", "add", "10.88.0.1/24", "dev", "e0"])?;
+        ext.exec("ip", &["link", "set", "e0", "up"])?;
+        // Only the ceiling's client sends to the backend's own address.
+        ext.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                "10.89.0.0/24",
+                "via",
+                &NP_NODE_IP.to_string(),
+            ],
+        )?;
+        node.exec(
+            "ip",
+            &["addr", "add", &format!("{NP_NODE_IP}/24"), "dev", "n0"],
+        )?;
+        node.exec("ip", &["addr", "add", "10.89.0.1/24", "dev", "n1"])?;
+        node.exec("ip", &["link", "set", "n0", "up"])?;
+        node.exec("ip", &["link", "set", "n1", "up"])?;
+        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        backend.exec(
+            "ip",
+            &["addr", "add", &format!("{NP_BACKEND}/24"), "dev", "eth0"],
+        )?;
+        backend.exec("ip", &["link", "set", "eth0", "up"])?;
+        backend.exec("ip", &["route", "add", "default", "via", "10.89.0.1"])?;
+        // Same sender and receiver on every side (module doc): complete checksums from the
+        // client, a NAPI context on the backend's veth.
+        in_netns(&ext.path(), || set_offload("e0", ETHTOOL_STXCSUM, false))??;
+        in_netns(&backend.path(), || set_offload("eth0", ETHTOOL_SGRO, true))??;
+        Ok(NodePortNet {
+            _veths: veths,
+            ext,
+            node,
+            backend,
+        })
+    }
+}
+
+/// Datagrams sent and received in one window.
+#[derive(Default, Clone, Copy)]
+struct Count {
+    sent: u64,
+    received: u64,
+    secs: f64,
+}
+
+impl std::ops::AddAssign for Count {
+    fn add_assign(&mut self, o: Count) {
+        self.sent += o.sent;
+        self.received += o.received;
+        self.secs += o.secs;
+    }
+}
+
+/// `n` headers, each with one iovec (`iovs[i]`).
+fn mmsghdrs(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain data; all zeroes is a header without address or control
+            // data.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
+/// Sends NP_PAYLOAD-byte datagrams on the connected `sock` until `stop`; returns how many the
+/// kernel took, and the last error if it never took one.
+fn udp_send(sock: &UdpSocket, stop: &AtomicBool) -> (u64, Option<std::io::Error>) {
+    let payload = [0x6bu8; NP_PAYLOAD];
+    let mut iovs: Vec<libc::iovec> = (0..NP_BATCH)
+        .map(|_| libc::iovec {
+            // The kernel only reads from a sent iovec.
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        })
+        .collect();
+    let mut msgs = mmsghdrs(&mut iovs);
+    let (mut sent, mut err) = (0u64, None);
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `msgs` holds NP_BATCH initialised headers whose iovecs point into `payload`;
+        // all outlive the call.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                NP_BATCH as libc::c_uint,
+                0,
+            )
+        };
+        match u64::try_from(n) {
+            Ok(n) => sent += n,
+            // ENOBUFS, or ECONNREFUSED after an ICMP error: try again, count nothing.
+            Err(_) => err = Some(std::io::Error::last_os_error()),
+        }
+    }
+    (sent, if sent == 0 { err } else { None })
+}
+
+/// Counts datagrams on `sock` until `stop` is set and the queue stays empty for 50 ms (drained).
+/// The receiver polls without sleeping, on every side alike: a sleeping receiver has to be woken
+/// by the softirq that queues a datagram, an IPI that costs the sending CPU more than whatever
+/// path is measured here (in a VM it is a VM exit), and costs it more the faster the receiver
+/// keeps up.
+fn udp_count(sock: &UdpSocket, stop: &AtomicBool) -> u64 {
+    let mut bufs = vec![[0u8; 2 * NP_PAYLOAD]; NP_BATCH];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut msgs = mmsghdrs(&mut iovs);
+    let mut got = 0u64;
+    let mut last = Instant::now();
+    loop {
+        // SAFETY: `msgs` holds NP_BATCH initialised headers whose iovecs point into `bufs`; all
+        // outlive the call. No timeout pointer: MSG_DONTWAIT returns at once.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                NP_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        match u64::try_from(n) {
+            Ok(n) => {
+                got += n;
+                last = Instant::now();
+            }
+            Err(_) if stop.load(Ordering::Relaxed) && last.elapsed() > NP_DRAIN => return got,
+            Err(_) => std::hint::spin_loop(),
+        }
+    }
+}
+
+/// A receive queue that absorbs a few ms of the receiver being scheduled out (same on both
+/// sides); above net.core.rmem_max, hence FORCE (we are root).
+fn big_rcvbuf(sock: &UdpSocket) -> std::io::Result<()> {
+    let bytes: libc::c_int = 4 << 20;
+    // SAFETY: a valid socket and a c_int option value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// One window: a sender in the external netns floods `target` for `dur` while a receiver in the
+/// backend netns counts what arrives. The sockets are made inside those namespaces and used
+/// from ordinary threads (a socket keeps its namespace).
+fn udp_window(net: &NodePortNet, target: SocketAddr, dur: Duration) -> anyhow::Result<Count> {
+    let rx = in_netns(&net.backend.path(), || {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, NP_BACKEND_PORT))
+    })?
+    .context("bind the backend's UDP socket")?;
+    big_rcvbuf(&rx).context("SO_RCVBUFFORCE")?;
+    let tx = in_netns(&net.ext.path(), move || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(target)?;
+        Ok(s)
+    })?
+    .context("connect the external client's UDP socket")?;
+    let (stop_tx, stop_rx) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let receiver = {
+        let stop = stop_rx.clone();
+        std::thread::spawn(move || udp_count(&rx, &stop))
+    };
+    let start = Instant::now();
+    let sender = {
+        let stop = stop_tx.clone();
+        std::thread::spawn(move || udp_send(&tx, &stop))
+    };
+    std::thread::sleep(dur);
+    stop_tx.store(true, Ordering::Relaxed);
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"));
+    let secs = start.elapsed().as_secs_f64();
+    // The receiver drains what is still queued, then stops once its queue stayed empty.
+    stop_rx.store(true, Ordering::Relaxed);
+    let received = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    let (sent, err) = sent?;
+    if let Some(e) = err {
+        bail!("sendmmsg to {target}: nothing sent: {e}");
+    }
+    Ok(Count {
+        sent,
+        received,
+        secs,
+    })
+}
+
+/// ethtool commands (linux/ethtool.h): the legacy tx-checksumming and GRO switches.
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_SGRO: u32 = 0x2c;
+
+/// Switches one offload (`cmd`) of `dev` in the calling thread's namespace, as `ethtool -K`
+/// does (ethtool itself is not installed on these machines).
+fn set_offload(dev: &str, cmd: u32, on: bool) -> anyhow::Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut val = EthtoolValue {
+        cmd,
+        data: u32::from(on),
+    };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut val).cast();
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both live for the
+    // call; the socket fd is open.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
+    if rc != 0 {
+        bail!(
+            "SIOCETHTOOL {cmd:#x} on {dev}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The node's IP stack counters that tell forwarded datagrams from XDP-redirected ones.
+#[derive(Default, Clone, Copy)]
+struct NodeStack {
+    /// Ip InReceives: datagrams the node's IP stack saw (XDP_PASS, or no XDP).
+    in_receives: u64,
+    /// Ip ForwDatagrams: datagrams the node's IP stack forwarded.
+    forwarded: u64,
+}
+
+impl NodeStack {
+    fn read(node: &NetnsGuard) -> anyhow::Result<NodeStack> {
+        let snmp = node.exec("cat", &["/proc/net/snmp"])?;
+        let mut ip = snmp.lines().filter(|l| l.starts_with("Ip: "));
+        let (names, values) = (ip.next(), ip.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            bail!("no Ip lines in the node's /proc/net/snmp");
+        };
+        let field = |name: &str| -> anyhow::Result<u64> {
+            let at = names
+                .split_whitespace()
+                .position(|n| n == name)
+                .with_context(|| format!("no Ip {name} in /proc/net/snmp"))?;
+            Ok(values
+                .split_whitespace()
+                .nth(at)
+                .context("short Ip line")?
+                .parse()?)
+        };
+        Ok(NodeStack {
+            in_receives: field("InReceives")?,
+            forwarded: field("ForwDatagrams")?,
+        })
+    }
+}
+
+/// A ProxyConfig for `net`'s node: the bench's one NodePort service, the tc programs on n0 (the
+/// external interface) and n1 (the backend-facing one), as `keel proxy --tc-iface n0
+/// --tc-iface n1` on that node, the socket hooks on `cgroup` (left empty).
+fn proxy_config(
+    root: &StateRoot,
+    pins: &Path,
+    name: &str,
+    net: &NodePortNet,
+    cgroup: &CgroupGuard,
+) -> anyhow::Result<keel_proxy::ProxyConfig> {
+    let manifests = root.path().join("nodeport.yaml");
+    std::fs::write(&manifests, NODEPORT_MANIFESTS)?;
+    Ok(keel_proxy::ProxyConfig {
+        manifests,
+        cgroup: cgroup
+            .v2_path()
+            .context("no cgroup v2 hierarchy")?
+            .to_owned(),
+        bpffs_dir: pins.join(name),
+        healthz_addr: "127.0.0.1:0".parse()?,
+        metrics_addr: None,
+        poll_interval: Duration::from_secs(3600),
+        node: NodeContext {
+            node_name: None,
+            node_ips: vec![IpAddr::V4(NP_NODE_IP)],
+        },
+        tc_interfaces: vec!["n0".into(), "n1".into()],
+        tc_netns: Some(net.node.path()),
+    })
+}
+
+/// (4): keel's XDP path and keel's tc path against kube-proxy's NodePort DNAT, each on a node of
+/// its own, and a fourth node that translates nothing (see the module doc).
+pub(super) fn run(root: &StateRoot, pins: &Path, ipt: &str) -> anyhow::Result<()> {
+    let xdp_net = NodePortNet::new()?;
+    let tc_net = NodePortNet::new()?;
+    let ipt_net = NodePortNet::new()?;
+    let plain_net = NodePortNet::new()?;
+    iptables_restore(&ipt_net.node, ipt, &nodeport_iptables_rules())?;
+    // One cgroup per proxy: each attaches its socket hooks in single mode.
+    let cgroups = [CgroupGuard::new()?, CgroupGuard::new()?];
+    let xdp_cfg = proxy_config(root, pins, "keel-nodeport-xdp", &xdp_net, &cgroups[0])?;
+    let tc_cfg = proxy_config(root, pins, "keel-nodeport-tc", &tc_net, &cgroups[1])?;
+    let result = (|| -> anyhow::Result<()> {
+        keel_proxy::Proxy::start(tc_cfg.clone())?.stop();
+        keel_proxy::Proxy::start(xdp_cfg.clone())?.stop();
+        let modes = keel_proxy::install_xdp(
+            &xdp_cfg.bpffs_dir,
+            &["n0".into()],
+            Some(&xdp_net.node.path()),
+        )?;
+        let mode = modes.first().map_or("none", |(_, m)| m.as_str());
+        measure(
+            [
+                Side::new("keel xdp", &xdp_net, NP_NODE_IP, NP_PORT),
+                Side::new("keel tc", &tc_net, NP_NODE_IP, NP_PORT),
+                Side::new("iptables DNAT", &ipt_net, NP_NODE_IP, NP_PORT),
+                Side::new("no NAT", &plain_net, NP_BACKEND, NP_BACKEND_PORT),
+            ],
+            ipt,
+            mode,
+        )
+    })();
+    // The loader's uninstall, not the proxy's: that one also removes the masquerade rule from
+    // this process's own namespace, and this touches none but the ones it made.
+    for cfg in [&xdp_cfg, &tc_cfg] {
+        let _ = keel_proxy::loader::uninstall(&cfg.bpffs_dir);
+    }
+    result
+}
+
+/// One path under test: its topology, where the client sends, what was counted there.
+struct Side<'a> {
+    name: &'static str,
+    net: &'a NodePortNet,
+    target: SocketAddr,
+    total: Count,
+    stack: NodeStack,
+}
+
+impl<'a> Side<'a> {
+    fn new(name: &'static str, net: &'a NodePortNet, addr: Ipv4Addr, port: u16) -> Side<'a> {
+        Side {
+            name,
+            net,
+            target: SocketAddr::from((addr, port)),
+            total: Count::default(),
+            stack: NodeStack::default(),
+        }
+    }
+}
+
+const XDP: usize = 0;
+const TC: usize = 1;
+const IPT: usize = 2;
+const PLAIN: usize = 3;
+
+fn measure(mut sides: [Side; 4], ipt: &str, xdp_mode: &str) -> anyhow::Result<()> {
+    // Whether the proxy's masquerade rule (for Cluster-policy flows) put a nat table, and so
+    // netfilter conntrack, on keel's node too.
+    let keel_nat = sides[TC]
+        .net
+        .node
+        .exec("iptables", &["-w", "-t", "nat", "-S", "POSTROUTING"])
+        .unwrap_or_default();
+    let masq = keel_nat.contains("keel-proxy");
+    for s in &sides {
+        udp_window(s.net, s.target, NP_WARMUP)?;
+    }
+    let mut rounds = Vec::new();
+    for _ in 0..NP_ROUNDS {
+        let mut round = [Count::default(); 4];
+        for (n, s) in sides.iter_mut().enumerate() {
+            let before = NodeStack::read(&s.net.node)?;
+            round[n] = udp_window(s.net, s.target, NP_WINDOW)?;
+            let after = NodeStack::read(&s.net.node)?;
+            s.total += round[n];
+            s.stack.in_receives += after.in_receives - before.in_receives;
+            s.stack.forwarded += after.forwarded - before.forwarded;
+        }
+        rounds.push(round);
+    }
+    for s in &sides {
+        anyhow::ensure!(
+            s.total.received > 0,
+            "{}: no datagram reached the backend ({} sent)",
+            s.name,
+            s.total.sent
+        );
+    }
+    let pps = |n: u64, c: &Count| n as f64 / c.secs;
+    let rx = |c: &Count| pps(c.received, c);
+    println!(
+        "\nbench proxy: NodePort UDP, {NP_PAYLOAD}-byte datagrams from an external netns, one sender (sendmmsg), counted at the backend; {NP_ROUNDS} x {NP_WINDOW:?} per side, alternating, after a {NP_WARMUP:?} warm-up ({ipt} as anchor; XDP in {xdp_mode} mode)"
+    );
+    for s in &sides {
+        let c = &s.total;
+        println!(
+            "  {:<14} sent {:>9.0} pps   received {:>9.0} pps ({:5.1} % delivered)   node stack: {:>5.1} % seen, {:>5.1} % forwarded",
+            s.name,
+            pps(c.sent, c),
+            rx(c),
+            100.0 * c.received as f64 / c.sent.max(1) as f64,
+            100.0 * s.stack.in_receives as f64 / c.sent.max(1) as f64,
+            100.0 * s.stack.forwarded as f64 / c.sent.max(1) as f64,
+        );
+    }
+    let anchor = rx(&sides[IPT].total);
+    for n in [XDP, TC] {
+        let ratio = rx(&sides[n].total) / anchor;
+        let per_round: Vec<String> = rounds
+            .iter()
+            .map(|r| format!("{:.2}x", rx(&r[n]) / rx(&r[IPT])))
+            .collect();
+        println!(
+            "  ratio {}/iptables (received) {ratio:.2}x   target >= 2x: {}   (per round: {})",
+            sides[n].name,
+            if ratio >= 2.0 { "met" } else { "NOT met" },
+            per_round.join(", ")
+        );
+    }
+    println!(
+        "  no NAT/iptables {:.2}x: the node's forwarding path alone, the ceiling of anything that goes through its stack",
+        rx(&sides[PLAIN].total) / anchor
+    );
+    println!(
+        "  (keel's nodes: {})",
+        if masq {
+            "keel's masquerade rule in nat POSTROUTING, so netfilter conntrack runs there too"
+        } else {
+            "no nat rules, no netfilter conntrack"
+        }
+    );
+    Ok(())
+}
