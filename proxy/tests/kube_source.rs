@@ -3,6 +3,8 @@
 //! through kube-rs; the proxy follows it with the kubeconfig the server wrote. Traffic goes
 //! through the topology of `support` (client netns + test cgroup, three backend netns).
 //!
+//! A second test follows this node's Pods for their hostPorts (field selector spec.nodeName).
+//!
 //! Prints the time from each API write to the change in the pinned maps.
 
 mod support;
@@ -13,14 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use keel_cluster::api::{ApiConfig, ApiServer};
 use keel_cluster::store::{self, Store, StoreConfig};
 use keel_ebpf::{IPPROTO_TCP, SvcKey};
 use keel_proxy::maps::PinnedMaps;
 use keel_proxy::{ApiSource, Proxy};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::{TCP_PORT, Topology, count, http_get, privileged};
 
@@ -236,6 +238,139 @@ fn api_source_follows_services_and_endpointslices() -> Result<()> {
         ms(delete_delay)
     );
     assert!(proxy.syncs() >= 3, "one full sync, then one per change");
+    proxy.stop();
+    drop(api);
+    Ok(())
+}
+
+fn host_port_pod(name: &str, node: &str, host_port: u16) -> Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "web", "image": "busybox", "ports": [
+                {"containerPort": TCP_PORT, "hostPort": host_port},
+            ]}],
+        },
+    }))?)
+}
+
+/// Polls the pinned maps until the TCP frontend `ip:port` has exactly the backends `want` (None:
+/// no frontend); returns how long that took.
+fn wait_frontend(
+    bpffs_dir: &Path,
+    ip: Ipv4Addr,
+    port: u16,
+    want: Option<&[Ipv4Addr]>,
+    since: Instant,
+) -> Result<Duration> {
+    let key = SvcKey::new(ip.into(), port, IPPROTO_TCP);
+    let want: Option<Vec<std::net::IpAddr>> = want.map(|w| w.iter().map(|&i| i.into()).collect());
+    let maps = PinnedMaps::open(bpffs_dir)?;
+    let deadline = since + Duration::from_secs(20);
+    loop {
+        let (applied, _) = maps.dump()?;
+        let now: Option<Vec<std::net::IpAddr>> = applied
+            .services
+            .get(&key)
+            .map(|s| s.backends.values().filter_map(|b| b.ip()).collect());
+        if now == want {
+            return Ok(since.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("the maps hold {now:?} for {ip}:{port} after 20 s, want {want:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn api_source_serves_the_host_ports_of_this_nodes_pods() -> Result<()> {
+    privileged!("api_source_serves_the_host_ports_of_this_nodes_pods");
+    let topo = Topology::new(2)?;
+    let ips: Vec<Ipv4Addr> = topo.backends.iter().map(|b| b.ip).collect();
+    // The node's address: the client namespace's own end of the first backend's link.
+    let node_ip = Ipv4Addr::new(10, 77, 0, 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let api = rt.block_on(TestApi::start())?;
+    let source = ApiSource::Kubeconfig(api.kubeconfig().to_owned());
+    let client = rt
+        .block_on(async { keel_proxy::kube_source::client(&source).await })?
+        .0;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pp = PostParams::default();
+    let status = |ip: Ipv4Addr| {
+        Patch::Merge(
+            json!({"status": {"phase": "Running", "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}]}}),
+        )
+    };
+    rt.block_on(async {
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}}))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&pp, &ns)
+            .await?;
+        pods.create(&pp, &host_port_pod("web-0", "n1", 18080)?)
+            .await?;
+        pods.patch_status("web-0", &PatchParams::default(), &status(ips[0]))
+            .await?;
+        // Another node's pod: not watched, not served here.
+        pods.create(&pp, &host_port_pod("elsewhere", "n2", 18081)?)
+            .await?;
+        pods.patch_status("elsewhere", &PatchParams::default(), &status(ips[1]))
+            .await?;
+        anyhow::Ok(())
+    })?;
+
+    let mut cfg = topo.config();
+    cfg.node = keel_proxy::model::NodeContext {
+        node_name: Some("n1".into()),
+        node_ips: vec![node_ip.into()],
+    };
+    let bpffs_dir = cfg.bpffs_dir.clone();
+    let proxy = Proxy::start_api(cfg, &source)?;
+    wait_frontend(&bpffs_dir, node_ip, 18080, Some(&ips[..1]), Instant::now())
+        .context("first sync")?;
+    wait_frontend(&bpffs_dir, node_ip, 18081, None, Instant::now())?;
+    let per = count(&topo.client(&format!("tcp-ids {node_ip}:18080 5"))?);
+    assert_eq!(per.keys().collect::<Vec<_>>(), ["b0"], "{per:?}");
+
+    // The pod's address changes (a restarted sandbox): the hostPort follows.
+    let t = Instant::now();
+    rt.block_on(pods.patch_status("web-0", &PatchParams::default(), &status(ips[1])))?;
+    let moved = wait_frontend(&bpffs_dir, node_ip, 18080, Some(&ips[1..2]), t)?;
+    let per = count(&topo.client(&format!("tcp-ids {node_ip}:18080 5"))?);
+    assert_eq!(per.keys().collect::<Vec<_>>(), ["b1"], "{per:?}");
+
+    // The pod finishes: the hostPort goes. (A graceful delete alone would not do: the pod
+    // keeps serving until its node reports it stopped.)
+    let t = Instant::now();
+    let done = Patch::Merge(json!({"status": {"phase": "Succeeded"}}));
+    rt.block_on(pods.patch_status("web-0", &PatchParams::default(), &done))?;
+    let finished = wait_frontend(&bpffs_dir, node_ip, 18080, None, t)?;
+    // Its replacement takes the hostPort; force-deleted (no grace), it goes at once.
+    rt.block_on(async {
+        pods.create(&pp, &host_port_pod("web-1", "n1", 18080)?)
+            .await?;
+        pods.patch_status("web-1", &PatchParams::default(), &status(ips[0]))
+            .await?;
+        anyhow::Ok(())
+    })?;
+    wait_frontend(&bpffs_dir, node_ip, 18080, Some(&ips[..1]), Instant::now())?;
+    let t = Instant::now();
+    rt.block_on(pods.delete("web-1", &DeleteParams::default().grace_period(0)))?;
+    let deleted = wait_frontend(&bpffs_dir, node_ip, 18080, None, t)?;
+    println!(
+        "API write -> map change: pod address changed {}, pod finished {}, pod deleted {}",
+        ms(moved),
+        ms(finished),
+        ms(deleted)
+    );
     proxy.stop();
     drop(api);
     Ok(())
