@@ -26,13 +26,26 @@
  * - replies (a reverse-NAT hit) and anything that is not IPv4 TCP/UDP to a frontend.
  *
  * Checksums: the update assumes the L4 checksum is complete, as it is in every frame a NIC
- * receives. A CHECKSUM_PARTIAL skb (from a local socket through a veth) has only the
- * pseudo-header sum there, which XDP cannot tell apart; such senders need their veth's
- * tx-checksumming off (or generic mode). A UDP checksum of 0 (none) stays 0.
+ * receives (native XDP runs before any skb, and drivers do not hand XDP offloaded checksums).
+ * A CHECKSUM_PARTIAL skb (a local socket sending through a veth with tx-checksumming on) holds
+ * only the pseudo-header sum there, and XDP has no way to tell (xdp_md carries no ip_summed, no
+ * metadata kfunc reports it; guessing from the field's value would corrupt one complete checksum
+ * in 65536). What that costs, on a veth only:
+ * - native mode: the redirected frame loses the skb's checksum state, the backend's stack
+ *   verifies the wrongly updated field and drops the datagram / segment (bench proxy (4) with
+ *   tx-checksumming on: none of 1.2 M datagrams arrived);
+ * - generic mode (from the kernel's code, not measured): the skb stays CHECKSUM_PARTIAL and is
+ *   delivered (trusted) to the local backend; only a NIC's checksum offload, should the packet
+ *   leave the node, would start from the wrong field.
+ * So a veth whose far end is a local sender (tests, benchmarks, a client in a netns of this
+ * node) needs tx-checksumming off on that far end to be put behind this program. A UDP checksum
+ * of 0 (none) stays 0.
  *
- * keel_xdp_pass: XDP_PASS, nothing else. Native XDP_REDIRECT into a veth needs the peer's NAPI,
- * which the kernel enables when the peer has an XDP program (or GRO on): attach this one to the
- * far end of a veth the NodePort program redirects into.
+ * keel_xdp_pass: XDP_PASS, nothing else. Native XDP_REDIRECT into a veth needs the peer's NAPI
+ * (veth_xdp_xmit drops the frame otherwise), which the kernel enables when the peer has an XDP
+ * program or GRO on: attach this one to the far end of a veth the NodePort program redirects
+ * into (a pod's eth0), or switch GRO on there (`ethtool -K eth0 gro on` in the pod's netns;
+ * bench proxy (4) does that).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
