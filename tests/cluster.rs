@@ -3,7 +3,8 @@
 //! namespace, cgroup and state root, the namespaces joined by a bridge (the underlay) in one
 //! more namespace, and an "outside" namespace on the same bridge. Through kubectl: a Deployment
 //! of busybox httpd with a readiness probe spreads over the nodes; a pod on one node reaches the
-//! ClusterIP and is served by pods on every node; the NodePort answers from outside; `kubectl
+//! ClusterIP and is served by pods on every node; the NodePort answers from outside, and so does
+//! a pod's hostPort (no portmap plugin: the proxy serves it); `kubectl
 //! logs` works; scale 5 and 1; a rolling update to another tag while a client requests every
 //! 100 ms sees no failure; a stopped agent's pods are replaced on the other nodes after the
 //! (shortened) grace period; `kill -9` of the server and a restart keep the state and leave the
@@ -396,6 +397,35 @@ async fn three_nodes_run_a_deployment_behind_services() {
     }
     assert!(served.len() >= 2, "NodePort backends: {served:?}");
     eprintln!("NodePort from outside: 18 requests over 3 nodes, served by {served:?}");
+
+    // A hostPort from outside: with the proxy on, no portmap plugin is chained; the proxy's
+    // maps (its tc program on the node's interface) take the request to the pod.
+    for n in &nodes {
+        let conflist = n.root().join("node-cni/net.d/10-keel.conflist");
+        let text = std::fs::read_to_string(&conflist)
+            .unwrap_or_else(|e| panic!("{}: {e}", conflist.display()));
+        assert!(!text.contains("portmap"), "{}: {text}", conflist.display());
+    }
+    apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "hostport", "namespace": "default"},
+        "spec": {
+            "nodeName": nodes[2].name,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "httpd", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", "mkdir -p /www; echo hostport-pod > /www/index.html; exec httpd -f -p 8080 -h /www"],
+                "ports": [{"containerPort": 8080, "hostPort": 18080}]
+            }]
+        }
+    }));
+    let url = format!("http://{}:18080/", nodes[2].ip);
+    wait_for("the hostPort answers from outside", 60, || async {
+        wget_in(&outside, &url).filter(|b| b.contains("hostport-pod"))
+    })
+    .await;
+    let (ok, out) = kc(&["delete", "pod", "hostport", "--wait=false"]);
+    assert!(ok, "{out}");
 
     // kubectl logs of a pod on each agent goes through the server to that node.
     for (pod, node, _) in &spread {

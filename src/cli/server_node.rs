@@ -56,7 +56,8 @@ pub struct NodeArgs {
     /// The agent's log endpoint (`kubectl logs`). Default: the node IP, port 10250.
     #[arg(long, value_name = "ADDR")]
     pub agent_listen: Option<SocketAddr>,
-    /// Do not run the service proxy on this node.
+    /// Do not run the service proxy on this node (pods' hostPorts then go through Debian's
+    /// portmap CNI plugin, chained when /usr/lib/cni/portmap exists).
     #[arg(long)]
     pub disable_proxy: bool,
     /// The cgroup v2 directory the proxy's socket hooks attach to. Default: the v2 root, so
@@ -83,7 +84,7 @@ pub struct NodeArgs {
 }
 
 /// The reference portmap plugin (Debian's containernetworking-plugins), chained for hostPorts
-/// when present.
+/// when present and the proxy is off (with the proxy, hostPorts are frontends of its maps).
 const PORTMAP: &str = "/usr/lib/cni/portmap";
 
 /// Installs keel-cni (and links the portmap plugin beside it when chained).
@@ -94,10 +95,6 @@ pub fn install_cni(spec: &keel_cni::install::InstallSpec) -> anyhow::Result<()> 
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(PORTMAP, &link)
             .with_context(|| format!("link {PORTMAP} to {}", link.display()))?;
-    } else {
-        tracing::warn!(
-            "{PORTMAP} is missing (Debian: containernetworking-plugins): pods' hostPorts are not mapped"
-        );
     }
     tracing::info!(bin = %bin.display(), conf = %conf.display(), "keel-cni installed");
     Ok(())
@@ -176,7 +173,9 @@ pub fn plan(
             subnets,
             mtu: None,
             ip_masq: true,
-            portmap: Path::new(PORTMAP).is_file(),
+            // The proxy serves hostPorts through its maps (model::hostport): a chained portmap
+            // would DNAT the same ports a second time, in netfilter.
+            portmap: args.disable_proxy && Path::new(PORTMAP).is_file(),
             conflist_name: "10-keel.conflist".into(),
             ipam_data_dir: Some(cni_dir.join("ipam")),
         };
@@ -193,6 +192,12 @@ pub fn plan(
                 .parse()
                 .expect("the default stream address parses"),
         };
+        if args.disable_proxy && !cni.portmap {
+            tracing::warn!(
+                "{PORTMAP} is missing (Debian: containernetworking-plugins) and --disable-proxy \
+                 is given: pods' hostPorts are not mapped"
+            );
+        }
         if cni.subnets.is_empty() {
             agent.pod_network = Some(pod_network(cni.clone(), true));
         }
