@@ -16,11 +16,12 @@ use anyhow::Context;
 pub struct ProxyArgs {
     #[command(subcommand)]
     pub command: Option<ProxyCommand>,
-    /// Multi-document YAML of Service and EndpointSlice objects to serve; re-read on change.
+    /// Multi-document YAML of Service, EndpointSlice and Pod objects to serve (Pods for their
+    /// hostPorts); re-read on change.
     #[arg(long, conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
-    /// Kubeconfig of the Kubernetes API server whose Services and EndpointSlices to serve
-    /// (watched; its current context). Without it and --manifests, the in-cluster config is
+    /// Kubeconfig of the Kubernetes API server whose Services and EndpointSlices to serve, and
+    /// this node's Pods' hostPorts (watched; its current context). Without it and --manifests, the in-cluster config is
     /// used when running in a pod (KUBERNETES_SERVICE_HOST set).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
@@ -41,11 +42,13 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
     /// This node's name, matched against endpoints' nodeName for
-    /// internalTrafficPolicy/externalTrafficPolicy=Local. With the API source it defaults to
-    /// the host name, lowercased (as the kubelet names its Node).
+    /// internalTrafficPolicy/externalTrafficPolicy=Local and pods' spec.nodeName for hostPorts.
+    /// With the API source it defaults to the host name, lowercased (as the kubelet names its
+    /// Node); without a name, --manifests serves every Pod's hostPorts in the file.
     #[arg(long, alias = "hostname-override", env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// This node's addresses, on which NodePorts answer to clients on the node; repeatable.
+    /// This node's addresses, on which NodePorts and hostPorts (without a hostIP) answer;
+    /// repeatable.
     #[arg(long = "node-ip")]
     pub node_ips: Vec<IpAddr>,
     /// Interface whose ingress gets the tc NodePort program (external interface, pod veths);
