@@ -4,12 +4,20 @@
 //!
 //! Topology, as proxy/tests/nodeport.rs has it: an "external" client netns, a "node" netns with
 //! the NodePort address on its external veth (n0) and a backend netns behind a second veth (n1)
-//! (10.88.0.0/24 and 10.89.0.0/24, only inside these namespaces). Made four times, so that no
-//! node sees another's programs or netfilter tables: one node for keel's XDP program (on n0, with
-//! the tc programs beside it as `keel proxy --xdp-iface n0 --tc-iface n0 --tc-iface n1` has
-//! them), one for keel's tc programs alone, one for kube-proxy's rules, and one that translates
-//! nothing (the client sends to the backend's own address): the rate of the node's forwarding
-//! path alone, the ceiling of anything that still goes through the node's stack.
+//! (10.88.0.0/24 and 10.89.0.0/24, only inside these namespaces). Made five times, so that no
+//! node sees another's programs or netfilter tables: two nodes for keel's XDP program on n0 (with
+//! the tc programs beside it, as `keel proxy --xdp-iface n0 --tc-iface n0 --tc-iface n1` has
+//! them), one in native mode and one in generic mode (veth refuses native XDP while its peer's
+//! MTU is above a page, so the loader falls back as on a driver without native XDP), one for
+//! keel's tc programs alone, one for kube-proxy's rules, and one that translates nothing (the
+//! client sends to the backend's own address): the rate of the node's forwarding path alone,
+//! the ceiling of anything that still goes through the node's stack.
+//!
+//! On a veth, native XDP is not the fast path it is on a NIC: veth converts each skb from the
+//! sender into an xdp_buff, copying it into a page-pool page when its headroom is under
+//! XDP_PACKET_HEADROOM (a UDP socket's skb always is), and the backend's veth builds a new skb
+//! from the redirected frame. Generic XDP runs on the skb itself (its headroom expanded in
+//! place) and hands it on: all it skips is the node's IP stack.
 //!
 //! Set on every side alike (same sender, same receiver):
 //! - the client's veth (e0) sends complete UDP checksums (tx-checksumming off), as frames off a
