@@ -34,9 +34,9 @@
  * - native mode: the redirected frame loses the skb's checksum state, the backend's stack
  *   verifies the wrongly updated field and drops the datagram / segment (bench proxy (4) with
  *   tx-checksumming on: none of 1.2 M datagrams arrived);
- * - generic mode (from the kernel's code, not measured): the skb stays CHECKSUM_PARTIAL and is
- *   delivered (trusted) to the local backend; only a NIC's checksum offload, should the packet
- *   leave the node, would start from the wrong field.
+ * - generic mode: the skb stays CHECKSUM_PARTIAL and is delivered (trusted) to the local backend
+ *   (bench proxy (4) with tx-checksumming on: all arrived); only a NIC's checksum offload,
+ *   should the packet leave the node, would start from the wrong field.
  * So a veth whose far end is a local sender (tests, benchmarks, a client in a netns of this
  * node) needs tx-checksumming off on that far end to be put behind this program. A UDP checksum
  * of 0 (none) stays 0.
