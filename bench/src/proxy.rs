@@ -20,7 +20,6 @@ mod nodeport;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -28,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use keel_proxy::maps::PinnedMaps;
 use keel_proxy::model::NodeContext;
+use keel_testkit::netns::in_netns;
 use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, VethPair};
 
 const COUNTS: &[usize] = &[1, 1_000, 10_000];
@@ -114,23 +114,6 @@ fn iptables_restore(ns: &NetnsGuard, bin: &str, rules: &str) -> anyhow::Result<D
         bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(took)
-}
-
-/// Runs `f` on a thread inside the netns at `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &Path,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<T> {
-    let file = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
-    std::thread::spawn(move || -> anyhow::Result<T> {
-        rustix::thread::move_into_link_name_space(
-            file.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }
 
 struct Latency {

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use keel_proxy::Proxy;
+use keel_testkit::netns::in_netns;
 use support::node::{BACKEND_IP, EXT_IP, NODE_IP, NODE_POD_SIDE_IP, NodeNet};
-use support::{in_netns_wait as in_netns, privileged, run_client, wait_sync};
+use support::{privileged, run_client, wait_sync};
 
 /// The client side, run as a separate process by `run_client`.
 #[test]

@@ -11,7 +11,6 @@ mod support;
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,9 @@ use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use keel_ebpf::{IPPROTO_TCP, IPPROTO_UDP, SvcKey, SvcStats, SvcVal, map_names};
 use keel_proxy::Proxy;
 use keel_testkit::NetnsGuard;
+use keel_testkit::netns::{ETHTOOL_SRXCSUM, ETHTOOL_STXCSUM, in_netns, set_offload};
 use support::node::{BACKEND_MAC, NodeNet};
-use support::{in_netns_wait as in_netns, privileged};
+use support::privileged;
 
 #[test]
 fn nodeport_from_an_external_namespace_reaches_a_backend_keeping_the_client_address() -> Result<()>
@@ -86,47 +86,8 @@ fn nodeport_from_an_external_namespace_reaches_a_backend_keeping_the_client_addr
     Ok(())
 }
 
-/// ethtool commands (linux/ethtool.h) of the legacy checksum offload switches.
-const ETHTOOL_SRXCSUM: u32 = 0x15;
-const ETHTOOL_STXCSUM: u32 = 0x17;
-
 /// A checksum offload to switch off: (namespace, device, ethtool command).
 type OffloadOff<'a> = (&'a NetnsGuard, &'static str, u32);
-
-/// Switches one checksum offload (`cmd`) of `dev` in the calling thread's namespace, as
-/// `ethtool -K dev rx|tx on|off` does (ethtool itself is not installed on these machines).
-fn set_csum_offload(dev: &str, cmd: u32, on: bool) -> Result<()> {
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let mut val = EthtoolValue {
-        cmd,
-        data: u32::from(on),
-    };
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr
-        .ifr_name
-        .iter_mut()
-        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *d = s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_data = (&mut val as *mut EthtoolValue).cast();
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
-    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both live for
-    // the call; the socket fd is open.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
-    if rc != 0 {
-        bail!(
-            "SIOCETHTOOL {cmd:#x} on {dev}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
 
 #[test]
 fn nodeport_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
@@ -183,7 +144,7 @@ fn nodeport_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
     ];
     for (round, offloads_off) in rounds {
         for (ns, dev, cmd) in offloads_off {
-            in_netns(&ns.path(), move || set_csum_offload(dev, cmd, false))??;
+            in_netns(&ns.path(), move || set_offload(dev, cmd, false))??;
         }
         let start = Instant::now();
         let err = connect()?;
@@ -294,9 +255,7 @@ fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()>
     node.exec("iptables", &["-P", "FORWARD", "DROP"])?;
     // The "wire" delivers complete checksums, as a NIC does: the XDP program updates checksums
     // incrementally and cannot see a veth's CHECKSUM_PARTIAL.
-    in_netns(&ext.path(), || {
-        set_csum_offload("e0", ETHTOOL_STXCSUM, false)
-    })??;
+    in_netns(&ext.path(), || set_offload("e0", ETHTOOL_STXCSUM, false))??;
 
     let listener = in_netns(&backend.path(), || TcpListener::bind("0.0.0.0:8080"))??;
     std::thread::spawn(move || {

@@ -4,9 +4,11 @@
 //! runtimes can be given `/run/netns/NAME`. Everything is deleted on drop, also when the test
 //! panics. Nothing here touches a link or namespace the guard did not create.
 
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 use crate::{run, unique_name};
 
@@ -140,4 +142,62 @@ impl Drop for VethPair {
             None => run("ip", &["link", "del", &self.a]),
         };
     }
+}
+
+/// Runs `f` on a thread that entered the network namespace at `ns` (a `/run/netns/NAME` path)
+/// and returns its result; the calling thread stays where it is.
+pub fn in_netns<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let file = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// ethtool commands (linux/ethtool.h): the legacy rx/tx checksumming and GRO switches.
+pub const ETHTOOL_SRXCSUM: u32 = 0x15;
+pub const ETHTOOL_STXCSUM: u32 = 0x17;
+pub const ETHTOOL_SGRO: u32 = 0x2c;
+
+/// Switches one offload (`cmd`, an `ETHTOOL_S*` command) of `dev` in the calling thread's
+/// namespace, as `ethtool -K` does (ethtool itself is not installed on these machines).
+pub fn set_offload(dev: &str, cmd: u32, on: bool) -> anyhow::Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut val = EthtoolValue {
+        cmd,
+        data: u32::from(on),
+    };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut val).cast();
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both live for the
+    // call; the socket fd is open.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
+    if rc != 0 {
+        bail!(
+            "SIOCETHTOOL {cmd:#x} on {dev}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }

@@ -44,7 +44,9 @@ use anyhow::{Context, bail};
 use keel_proxy::model::NodeContext;
 use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, VethPair};
 
-use super::{in_netns, iptables_restore};
+use keel_testkit::netns::{ETHTOOL_SGRO, ETHTOOL_STXCSUM, in_netns, set_offload};
+
+use super::iptables_restore;
 
 const NP_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const NP_PORT: u16 = 30053;
@@ -342,45 +344,6 @@ fn udp_window(net: &NodePortNet, target: SocketAddr, dur: Duration) -> anyhow::R
         received,
         secs,
     })
-}
-
-/// ethtool commands (linux/ethtool.h): the legacy tx-checksumming and GRO switches.
-const ETHTOOL_STXCSUM: u32 = 0x17;
-const ETHTOOL_SGRO: u32 = 0x2c;
-
-/// Switches one offload (`cmd`) of `dev` in the calling thread's namespace, as `ethtool -K`
-/// does (ethtool itself is not installed on these machines).
-fn set_offload(dev: &str, cmd: u32, on: bool) -> anyhow::Result<()> {
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let mut val = EthtoolValue {
-        cmd,
-        data: u32::from(on),
-    };
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr
-        .ifr_name
-        .iter_mut()
-        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *d = s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_data = (&raw mut val).cast();
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both live for the
-    // call; the socket fd is open.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
-    if rc != 0 {
-        bail!(
-            "SIOCETHTOOL {cmd:#x} on {dev}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 /// The node's IP stack counters that tell forwarded datagrams from XDP-redirected ones.

@@ -59,23 +59,6 @@ impl Drop for Topology {
     }
 }
 
-/// Runs `f` on a thread that entered the network namespace `ns` and returns its result.
-pub fn in_netns_wait<T: Send + 'static>(
-    ns: &Path,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
-    let file = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
-    std::thread::spawn(move || -> Result<T> {
-        rustix::thread::move_into_link_name_space(
-            file.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-}
-
 /// Runs the client helper (`client_main`, the test binary re-executed) inside the cgroup v2
 /// directory `cgroup` and the network namespace `netns`; returns its RESULT lines.
 pub fn run_client(cgroup: &Path, netns: &NetnsGuard, cmd: &str) -> Result<Vec<String>> {
