@@ -59,6 +59,10 @@ fn main() -> std::process::ExitCode {
             "attach_to_a_terminal_container_sizes_it",
             attach_to_a_terminal_container_sizes_it,
         ),
+        (
+            "unread_stdin_does_not_stop_the_output",
+            unread_stdin_does_not_stop_the_output,
+        ),
     ])
 }
 
@@ -474,6 +478,46 @@ fn attach_writes_stdin_and_reads_output() -> anyhow::Result<()> {
     // Without stdin or tty there is nothing to attach to.
     let plain = env.run(&env.sh("sleep 30"))?;
     ensure!(env.rt.attach(&plain).is_err());
+    Ok(())
+}
+
+/// A container that never reads its stdin while a client pushes a MiB into it: the monitor
+/// holds the client back (its socket fills) and keeps logging the container's output.
+fn unread_stdin_does_not_stop_the_output() -> anyhow::Result<()> {
+    use keel_runtime::container::container_attach::{STDIN, frame};
+    use std::io::Write;
+    let env = Env::new()?;
+    let mut cfg = env.sh("i=0; while true; do i=$((i+1)); echo tick$i; sleep 0.05; done");
+    cfg.stdin = true;
+    let id = env.run(&cfg)?;
+    let sock = env.rt.attach(&id)?;
+    let mut writer = sock.try_clone()?;
+    writer.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let pusher = std::thread::spawn(move || {
+        let chunk = frame(STDIN, &[b'x'; 16 * 1024]);
+        (0..64)
+            .take_while(|_| writer.write_all(&chunk).is_ok())
+            .count()
+    });
+    let ticks = || -> anyhow::Result<usize> {
+        let log = std::fs::read_to_string(env.rt.status(&id)?.record.log_path)?;
+        Ok(log.lines().filter(|l| l.contains(" tick")).count())
+    };
+    // By now the pipe (64 KiB) and the monitor's pending input are full.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = ticks()?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = ticks()?;
+    env.rt.stop(&id, Duration::from_secs(1))?;
+    drop(sock);
+    let pushed = pusher
+        .join()
+        .map_err(|_| anyhow::anyhow!("pusher panicked"))?;
+    ensure!(
+        after >= before + 5,
+        "the log stopped while stdin was full: {before} ticks, a second later {after} \
+         ({pushed} chunks of 16 KiB pushed)"
+    );
     Ok(())
 }
 

@@ -296,14 +296,24 @@ struct Monitor {
     /// The container's stdout pipe, or its terminal's master.
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
-    /// Where attached clients' stdin goes: the stdin pipe, or (a copy of) the master.
+    /// Where attached clients' stdin goes: the stdin pipe, or (a copy of) the master. Written
+    /// without blocking: what the container has not taken yet waits in `pending`.
     input: Option<OwnedFd>,
+    /// Attached clients' stdin the container has not read yet. Past [`PENDING_INPUT_MAX`] the
+    /// loop stops reading the clients (their sockets fill, and they wait) instead of blocking:
+    /// the container's output keeps flowing to the log while it ignores its stdin.
+    pending: Vec<u8>,
+    /// A client closed stdin while `pending` still held data: close once it is written.
+    close_when_flushed: bool,
     /// The attach socket (containers with stdin or a tty; see `container_attach.rs`).
     listener: Option<UnixListener>,
     clients: Vec<Client>,
     signals: SignalFd,
     log: Option<CriLogWriter>,
 }
+
+/// How much unread stdin the monitor holds for a container before it stops reading clients.
+const PENDING_INPUT_MAX: usize = 64 * 1024;
 
 /// The container's side of the monitor's descriptors, handed to the watcher.
 struct Stdio {
@@ -464,6 +474,8 @@ impl Monitor {
             stderr,
             input,
             listener,
+            pending: Vec::new(),
+            close_when_flushed: false,
             clients: Vec::new(),
             signals,
             log: Some(log),
@@ -486,6 +498,8 @@ impl Monitor {
             stderr: io.stderr,
             input: io.input,
             listener: io.listener,
+            pending: Vec::new(),
+            close_when_flushed: false,
             clients: Vec::new(),
             signals: signals()?,
             log: Some(log),
@@ -602,12 +616,9 @@ impl Monitor {
         };
         for (kind, data) in frames {
             match kind {
-                attach::STDIN => {
-                    if let Some(input) = &self.input
-                        && nix::unistd::write(input, &data).is_err()
-                    {
-                        self.input = None;
-                    }
+                attach::STDIN if self.input.is_some() => {
+                    self.pending.extend_from_slice(&data);
+                    self.flush_input();
                 }
                 attach::CLOSE_STDIN => self.close_input(),
                 attach::RESIZE if data.len() == 4 => {
@@ -625,8 +636,39 @@ impl Monitor {
         true
     }
 
-    /// Closes the container's stdin: the pipe's end, or on a terminal its EOF character.
+    /// Writes what it can of `pending` without blocking; a broken stdin drops it all.
+    fn flush_input(&mut self) {
+        let Some(input) = &self.input else {
+            self.pending.clear();
+            return;
+        };
+        while !self.pending.is_empty() {
+            match nix::unistd::write(input, &self.pending) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(_) => {
+                    self.input = None;
+                    self.pending.clear();
+                    return;
+                }
+            }
+        }
+        if self.close_when_flushed {
+            self.close_input();
+        }
+    }
+
+    /// Closes the container's stdin (the pipe's end, or on a terminal its EOF character) once
+    /// what clients sent before is written.
     fn close_input(&mut self) {
+        if !self.pending.is_empty() {
+            self.close_when_flushed = true;
+            return;
+        }
+        self.close_when_flushed = false;
         if let Some(input) = self.input.take()
             && self.record.config.tty
         {
@@ -662,6 +704,17 @@ impl Monitor {
     }
 
     fn run(mut self) {
+        if let Some(input) = &self.input {
+            // On a terminal this is the master's description, shared with `stdout`: its reads
+            // already treat EAGAIN as "nothing yet".
+            let flags = nix::fcntl::fcntl(input.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+                .map(nix::fcntl::OFlag::from_bits_truncate)
+                .unwrap_or(nix::fcntl::OFlag::empty());
+            let _ = nix::fcntl::fcntl(
+                input.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
+            );
+        }
         let mut buf = vec![0u8; 32 * 1024];
         let mut exit = self.reap();
         let mut idle_after_exit = 0;
@@ -683,8 +736,18 @@ impl Monitor {
             if let Some(l) = &self.listener {
                 fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
             }
+            // A container that does not read its stdin holds its clients back, not the loop.
+            let client_events = if self.pending.len() < PENDING_INPUT_MAX {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            };
             for c in &self.clients {
-                fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
+                fds.push(PollFd::new(c.stream.as_fd(), client_events));
+            }
+            let input_at = fds.len();
+            if let Some(input) = self.input.as_ref().filter(|_| !self.pending.is_empty()) {
+                fds.push(PollFd::new(input.as_fd(), PollFlags::POLLOUT));
             }
             // Once init is gone, processes that inherited its stdio (host pid namespace) get
             // two seconds of quiet before the monitor stops waiting for them.
@@ -746,9 +809,12 @@ impl Monitor {
                 connecting = !revents[at].is_empty();
                 at += 1;
             }
+            if revents.len() > input_at {
+                self.flush_input();
+            }
             // Clients first (their input may be what the container is waiting for); the ones
             // that left go, and with stdin_once the container's stdin with the first of them.
-            let n_clients = revents.len() - at;
+            let n_clients = input_at - at;
             let mut gone = Vec::new();
             for i in 0..n_clients.min(self.clients.len()) {
                 if !revents[at + i].is_empty() && !self.serve_client(i, &mut buf) {
