@@ -1091,6 +1091,37 @@ spec: {clusterIP: None, ports: [{port: 80}]}
         assert_eq!(skipped.len(), 3);
     }
 
+    /// Two Services naming one frontend: both sources give it to the first by namespace/name,
+    /// whatever order the objects came in.
+    #[test]
+    fn a_frontend_two_services_name_is_the_first_by_name_in_both_sources() {
+        let (a, b) = (service("a", "10.96.0.7"), service("b", "10.96.0.7"));
+        let slices = vec![
+            slice("a-1", "a", &["10.0.0.1"]),
+            slice("b-1", "b", &["10.0.0.2"]),
+        ];
+        for services in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
+            let (want, _) = crate::model::desired(&services, &slices, &n1());
+            assert_eq!(want.len(), 1);
+            let only = want.values().next().unwrap();
+            assert_eq!(only.name, "ns/a:http", "{want:?}");
+            let mut ix = Index::new(n1());
+            ix.on_service(Event::Init);
+            for s in services.iter().cloned() {
+                ix.on_service(Event::InitApply(s));
+            }
+            ix.on_service(Event::InitDone);
+            ix.on_slice(Event::Init);
+            for s in slices.iter().cloned() {
+                ix.on_slice(Event::InitApply(s));
+            }
+            ix.on_slice(Event::InitDone);
+            ix.on_pod(Event::Init);
+            ix.on_pod(Event::InitDone);
+            assert_eq!(ix.take_update().0, Some(Update::Full(want)));
+        }
+    }
+
     #[test]
     fn forbidden_pods_leave_the_services_served() {
         let mut ix = Index::new(n1());

@@ -89,13 +89,19 @@ pub fn desired(
             }),
         }
     }
+    // By namespace/name, as the API source's Index orders its claimants: a frontend two
+    // Services name (the same externalIP, say) is the first's, whichever source or order the
+    // objects came in. A Service given twice is its last version.
+    let mut by_name: BTreeMap<(String, String), &Service> = BTreeMap::new();
     for svc in services {
         let ns = svc
             .metadata
             .namespace
             .clone()
             .unwrap_or_else(|| "default".into());
-        let name = svc.metadata.name.clone().unwrap_or_default();
+        by_name.insert((ns, svc.metadata.name.clone().unwrap_or_default()), svc);
+    }
+    for ((ns, name), svc) in by_name {
         let no_slices = Vec::new();
         let svc_slices = by_service
             .get(&(ns.clone(), name.clone()))
@@ -103,7 +109,11 @@ pub fn desired(
         // A Service that fails halfway contributes nothing, as on the API source's path.
         let mut one = Desired::new();
         match translate_service(svc, &ns, &name, svc_slices, node, &mut one) {
-            Ok(()) => out.extend(one),
+            Ok(()) => {
+                for (k, v) in one {
+                    out.entry(k).or_insert(v);
+                }
+            }
             Err(reason) => skipped.push(Skipped {
                 object: format!("Service {ns}/{name}"),
                 reason,
