@@ -23,5 +23,7 @@ mod snat;
 pub mod sync;
 
 pub use kube_source::{ApiSource, Source, choose_source};
-pub use loader::{DEFAULT_BPFFS_DIR, LoaderError, XdpAttach, default_cgroup, install_xdp};
+pub use loader::{
+    DEFAULT_BPFFS_DIR, LoaderError, XdpAttach, XdpModeChoice, default_cgroup, install_xdp,
+};
 pub use proxy::{Proxy, ProxyConfig, ProxyError, uninstall};

@@ -318,26 +318,60 @@ impl XdpAttach {
     }
 }
 
+/// Which XDP mode to attach in (`keel proxy --xdp-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode, else generic when the driver refuses it.
+    #[default]
+    Auto,
+    /// Native only: an interface whose driver refuses it is an error.
+    Native,
+    /// Generic only. On veth-only nodes it is the faster one (native XDP on a veth copies each
+    /// frame into a page and rebuilds an skb at the peer) and it keeps a sender's
+    /// CHECKSUM_PARTIAL intact.
+    Generic,
+}
+
+impl std::str::FromStr for XdpModeChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(XdpModeChoice::Auto),
+            "native" => Ok(XdpModeChoice::Native),
+            "generic" => Ok(XdpModeChoice::Generic),
+            other => Err(format!(
+                "unknown XDP mode {other:?} (auto, native or generic)"
+            )),
+        }
+    }
+}
+
 /// Loads the XDP NodePort program (sharing the pinned maps) and attaches it to each interface as
-/// a pinned bpf_link: native mode, else generic when the driver refuses; an interface that
-/// already has this proxy's pinned link gets the new program inside it (atomic, same mode).
-/// `netns`: the network namespace the interfaces live in (default: the proxy's own). Returns
-/// the mode of each interface, in order; each is also logged.
+/// a pinned bpf_link in the mode `want` asks for; an interface that already has this proxy's
+/// pinned link in a mode `want` allows gets the new program inside it (atomic), one in another
+/// mode is detached and attached afresh (the tc program on the interface serves NodePorts
+/// meanwhile). `netns`: the network namespace the interfaces live in (default: the proxy's
+/// own). Returns the mode of each interface, in order; each is also logged.
 pub fn install_xdp(
     bpffs_dir: &Path,
     interfaces: &[String],
+    want: XdpModeChoice,
     netns: Option<&Path>,
 ) -> Result<Vec<(String, XdpAttach)>, LoaderError> {
     if interfaces.is_empty() {
         return Ok(Vec::new());
     }
     ensure_bpffs(bpffs_dir)?;
-    in_netns(netns, XDP_PROGRAM, || attach_xdp(bpffs_dir, interfaces))
+    in_netns(netns, XDP_PROGRAM, || {
+        attach_xdp(bpffs_dir, interfaces, want)
+    })
 }
 
 fn attach_xdp(
     bpffs_dir: &Path,
     interfaces: &[String],
+    want: XdpModeChoice,
 ) -> Result<Vec<(String, XdpAttach)>, LoaderError> {
     let name = XDP_PROGRAM;
     let perr = |source: aya::programs::ProgramError| LoaderError::Program {
@@ -362,6 +396,19 @@ fn attach_xdp(
         };
         let links = bpffs_dir.join("links");
         let pin_of = |m: XdpAttach| links.join(format!("{}-{iface}", m.pin_prefix()));
+        let allowed = |m: XdpAttach| match want {
+            XdpModeChoice::Auto => true,
+            XdpModeChoice::Native => m == XdpAttach::Native,
+            XdpModeChoice::Generic => m == XdpAttach::Generic,
+        };
+        for other in [XdpAttach::Native, XdpAttach::Generic] {
+            let pin = pin_of(other);
+            if !allowed(other) && pin.exists() {
+                // The link (and the program in it) goes with its last reference, the pin.
+                std::fs::remove_file(&pin).map_err(io("remove XDP link pin", &pin))?;
+                tracing::info!(iface = %iface, from = other.as_str(), "XDP mode changes: old link detached");
+            }
+        }
         let existing = [XdpAttach::Native, XdpAttach::Generic]
             .into_iter()
             .find(|m| pin_of(*m).exists());
@@ -387,12 +434,27 @@ fn attach_xdp(
                 }
             }
         }
-        let (mode, id) = match prog.attach(iface, XdpMode::Driver) {
+        let native = match want {
+            XdpModeChoice::Generic => Err(None),
+            _ => prog.attach(iface, XdpMode::Driver).map_err(Some),
+        };
+        let (mode, id) = match native {
             Ok(id) => (XdpAttach::Native, id),
-            Err(aya::programs::ProgramError::UnknownInterface { name }) => {
+            Err(Some(aya::programs::ProgramError::UnknownInterface { name })) => {
                 return Err(xerr(format!("no interface {name}")));
             }
-            Err(native) => {
+            Err(Some(native)) if want == XdpModeChoice::Native => {
+                return Err(xerr(format!(
+                    "native XDP refused ({native}); --xdp-mode auto falls back to generic"
+                )));
+            }
+            Err(None) => {
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|e| xerr(format!("generic: {e}")))?;
+                (XdpAttach::Generic, id)
+            }
+            Err(Some(native)) => {
                 tracing::warn!(iface = %iface, "native XDP refused ({native}); using generic XDP");
                 let id = prog
                     .attach(iface, XdpMode::Skb)

@@ -280,7 +280,9 @@ fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()>
     )?;
     let cfg = net.config(&manifests, &["n0", "n1"])?;
     let proxy = Proxy::start(cfg.clone())?;
-    let modes = keel_proxy::install_xdp(&cfg.bpffs_dir, &["n0".into()], Some(&node.path()))?;
+    let install =
+        |want| keel_proxy::install_xdp(&cfg.bpffs_dir, &["n0".into()], want, Some(&node.path()));
+    let modes = install(keel_proxy::XdpModeChoice::Auto)?;
     assert_eq!(
         modes,
         vec![("n0".to_string(), keel_proxy::XdpAttach::Native)],
@@ -322,9 +324,36 @@ fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()>
     }
 
     // A restarted proxy replaces the program inside the pinned link, in the same mode.
-    let again = keel_proxy::install_xdp(&cfg.bpffs_dir, &["n0".into()], Some(&node.path()))?;
+    let again = install(keel_proxy::XdpModeChoice::Auto)?;
     assert_eq!(again, modes);
     assert!(ask_tcp()?.starts_with("backend sees 10.88.0.1:"));
+
+    // --xdp-mode generic swaps the native link for a generic one; traffic still skips the
+    // node's stack (no XDP_PASS: the node's IP counters do not move).
+    let generic = install(keel_proxy::XdpModeChoice::Generic)?;
+    assert_eq!(
+        generic,
+        vec![("n0".to_string(), keel_proxy::XdpAttach::Generic)]
+    );
+    let links = cfg.bpffs_dir.join("links");
+    assert!(links.join("xdpgeneric-n0").exists() && !links.join("xdpdrv-n0").exists());
+    let shown = node.exec("ip", &["link", "show", "n0"])?;
+    assert!(shown.contains("xdpgeneric"), "{shown}");
+    let seen_before = ip_in_receives(node)?;
+    let got = ask_udp()?;
+    assert!(
+        got.starts_with("backend sees 10.88.0.1:") && got.ends_with("via 10.88.0.2:30081"),
+        "UDP through generic XDP: {got}"
+    );
+    let seen = ip_in_receives(node)? - seen_before;
+    assert!(
+        seen <= 1,
+        "the node's stack saw {seen} datagrams: generic XDP passed the request"
+    );
+    // And back: native only.
+    let native = install(keel_proxy::XdpModeChoice::Native)?;
+    assert_eq!(native, modes);
+    assert!(links.join("xdpdrv-n0").exists() && !links.join("xdpgeneric-n0").exists());
 
     proxy.stop();
     let removed = keel_proxy::loader::uninstall(&cfg.bpffs_dir)?;
@@ -341,4 +370,24 @@ fn xdp_nodeport_forwards_local_policy_tcp_and_udp_past_the_stack() -> Result<()>
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// The node's `Ip: InReceives` (datagrams its IP stack saw), from /proc/net/snmp in its netns.
+fn ip_in_receives(node: &NetnsGuard) -> Result<u64> {
+    let snmp = node.exec("cat", &["/proc/net/snmp"])?;
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (
+        ip.next().context("no Ip: header")?,
+        ip.next().context("no Ip: values")?,
+    );
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "InReceives")
+        .context("no InReceives")?;
+    values
+        .split_whitespace()
+        .nth(at)
+        .context("short Ip: line")?
+        .parse()
+        .context("InReceives")
 }

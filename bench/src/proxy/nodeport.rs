@@ -442,8 +442,12 @@ pub(super) fn run(root: &StateRoot, pins: &Path, ipt: &str) -> anyhow::Result<()
             keel_proxy::Proxy::start(cfg.clone())?.stop();
         }
         for (cfg, net) in [(&xdp_cfg, &xdp_net), (&generic_cfg, &generic_net)] {
-            let m =
-                keel_proxy::install_xdp(&cfg.bpffs_dir, &["n0".into()], Some(&net.node.path()))?;
+            let m = keel_proxy::install_xdp(
+                &cfg.bpffs_dir,
+                &["n0".into()],
+                keel_proxy::XdpModeChoice::Auto,
+                Some(&net.node.path()),
+            )?;
             modes.push(m.first().map_or("none", |(_, m)| m.as_str()));
         }
         anyhow::ensure!(
