@@ -727,7 +727,12 @@ spec: {clusterIP: None, ports: [{port: 80}]}
 
     /// An index with both kinds listed (the given objects as the initial list).
     fn listed(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Index {
-        let mut ix = Index::new(NodeContext::default());
+        listed_on(NodeContext::default(), services, slices)
+    }
+
+    /// An index for `node` with Services and slices listed (pods, if `node` has a name, not).
+    fn listed_on(node: NodeContext, services: Vec<Service>, slices: Vec<EndpointSlice>) -> Index {
+        let mut ix = Index::new(node);
         ix.on_service(Event::Init);
         for s in services {
             ix.on_service(Event::InitApply(s));
@@ -934,14 +939,7 @@ spec: {clusterIP: None, ports: [{port: 80}]}
 
     /// An index for n1 with Services and slices listed and the given pods as the pods' list.
     fn listed_with_pods(services: Vec<Service>, pods: Vec<Pod>) -> Index {
-        let mut ix = Index::new(n1());
-        ix.on_service(Event::Init);
-        for s in services {
-            ix.on_service(Event::InitApply(s));
-        }
-        ix.on_service(Event::InitDone);
-        ix.on_slice(Event::Init);
-        ix.on_slice(Event::InitDone);
+        let mut ix = listed_on(n1(), services, Vec::new());
         assert_eq!(ix.take_update().0, None, "pods not listed yet");
         ix.on_pod(Event::Init);
         for p in pods {
@@ -1105,17 +1103,7 @@ spec: {clusterIP: None, ports: [{port: 80}]}
             assert_eq!(want.len(), 1);
             let only = want.values().next().unwrap();
             assert_eq!(only.name, "ns/a:http", "{want:?}");
-            let mut ix = Index::new(n1());
-            ix.on_service(Event::Init);
-            for s in services.iter().cloned() {
-                ix.on_service(Event::InitApply(s));
-            }
-            ix.on_service(Event::InitDone);
-            ix.on_slice(Event::Init);
-            for s in slices.iter().cloned() {
-                ix.on_slice(Event::InitApply(s));
-            }
-            ix.on_slice(Event::InitDone);
+            let mut ix = listed_on(n1(), services, slices.clone());
             ix.on_pod(Event::Init);
             ix.on_pod(Event::InitDone);
             assert_eq!(ix.take_update().0, Some(Update::Full(want)));
