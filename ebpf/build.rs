@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Entry files, one per attach point; each becomes OUT_DIR/<name>.o.
-const PROGRAMS: &[&str] = &["sock", "tc_nodeport", "xdp_nodeport"];
+const PROGRAMS: &[&str] = &["sock", "tc_nodeport", "xdp_nodeport", "bench_trafficgen"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));

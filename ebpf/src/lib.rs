@@ -68,3 +68,40 @@ pub mod map_names {
     /// The maps only the NodePort programs (tc and XDP) add.
     pub const TC: &[&str] = &[CT, TC_REVNAT, MAGLEV];
 }
+
+/// Bench only (`bench proxy` (4), the NodePort forwarding rate): a traffic generator and a sink,
+/// built from c/bench_trafficgen.c. keel never loads them.
+pub mod bench {
+    /// The object holding [`GEN_PROGRAM`] and [`SINK_PROGRAM`].
+    pub static OBJECT: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench_trafficgen.o"));
+
+    /// XDP, run by BPF_PROG_TEST_RUN in live-frames mode: writes [`GEN_HDR`] (with the source
+    /// port rotated over [`GEN_FLOWS`] ports) into each frame and redirects it to
+    /// [`GEN_IFINDEX`].
+    pub const GEN_PROGRAM: &str = "keel_bench_gen";
+
+    /// tc ingress: counts IPv4 UDP packets to [`SINK_ADDR`]:[`SINK_PORT`] with valid checksums
+    /// and [`UDP_LEN`] bytes of UDP (`SINK_DELIVERED`) and any other IPv4 packet (`SINK_OTHER`)
+    /// in [`SINK_COUNT_MAP`], and drops them; passes the rest (ARP, IPv6).
+    pub const SINK_PROGRAM: &str = "keel_bench_sink";
+
+    /// Globals (const volatile) set at load time: the generator's target ifindex (u32), number
+    /// of source ports (u32, a power of two), frame header template ([u8; GEN_HDR_LEN]).
+    pub const GEN_IFINDEX: &str = "gen_ifindex";
+    pub const GEN_FLOWS: &str = "gen_flows";
+    pub const GEN_HDR: &str = "gen_hdr";
+    /// Ethernet + IPv4 + UDP header bytes the generator writes.
+    pub const GEN_HDR_LEN: usize = 42;
+
+    /// Globals: the sink's expected destination (network byte order, u32 and u16).
+    pub const SINK_ADDR: &str = "sink_addr";
+    pub const SINK_PORT: &str = "sink_port";
+    /// The UDP length (header + payload) the sink checks and checksums (c: SINK_UDP_LEN).
+    pub const UDP_LEN: usize = 72;
+
+    /// Per-CPU array of u64: index [`SINK_DELIVERED`], [`SINK_OTHER`].
+    pub const SINK_COUNT_MAP: &str = "keel_bench_sink_count";
+    pub const SINK_DELIVERED: u32 = 0;
+    pub const SINK_OTHER: u32 = 1;
+}
