@@ -173,19 +173,25 @@ fn bench(
     std::fs::create_dir_all(&bundle)?;
     let spec_text = std::fs::read_to_string(rt.container_dir(&holder).join("bundle/config.json"))?;
     let mut spec: serde_json::Value = serde_json::from_str(&spec_text)?;
-    // keel hands libcontainer its masked-compare operands swapped; swapping back gives
-    // runc the OCI meaning.
-    if let Some(syscalls) = spec["linux"]["seccomp"]["syscalls"].as_array_mut() {
-        for sc in syscalls {
-            if let Some(args) = sc["args"].as_array_mut() {
-                for a in args {
-                    if a["op"] == "SCMP_CMP_MASKED_EQ" {
-                        let (v, v2) = (a["value"].clone(), a["valueTwo"].clone());
-                        a["value"] = v2;
-                        a["valueTwo"] = v;
-                    }
-                }
-            }
+    // keel's bundle holds libcontainer's input: the seccomp profile compiled beside it, with
+    // the capabilities the init borrows for loading it (see `seccomp_bpf`). runc gets the
+    // container's own spec: the profile back in place, the borrowed capabilities gone.
+    let plan_path = rt
+        .container_dir(&holder)
+        .join("bundle")
+        .join(keel_runtime::container::seccomp_bpf::PLAN_FILE);
+    let plan: keel_runtime::container::seccomp_bpf::Plan =
+        serde_json::from_slice(&std::fs::read(&plan_path).context("the seccomp plan")?)?;
+    spec["linux"]["seccomp"] = serde_json::to_value(&plan.profile)?;
+    let borrowed: Vec<serde_json::Value> = plan
+        .drop_bounding
+        .iter()
+        .chain(&plan.drop_effective)
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+    for set in ["bounding", "effective", "permitted"] {
+        if let Some(caps) = spec["process"]["capabilities"][set].as_array_mut() {
+            caps.retain(|c| !borrowed.contains(c));
         }
     }
     spec["linux"]["cgroupsPath"] = serde_json::json!(format!("/{parent}/bench-runc"));

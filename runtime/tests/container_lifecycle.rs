@@ -34,6 +34,10 @@ fn main() -> std::process::ExitCode {
             dropped_capability_is_missing,
         ),
         (
+            "compiled_filter_leaves_exactly_the_container_capabilities",
+            compiled_filter_leaves_exactly_the_container_capabilities,
+        ),
+        (
             "readonly_rootfs_refuses_writes",
             readonly_rootfs_refuses_writes,
         ),
@@ -261,6 +265,90 @@ fn dropped_capability_is_missing() -> anyhow::Result<()> {
     let caps = cap_eff(&lines)?;
     ensure!(caps & NET_RAW == 0, "NET_RAW still there: {caps:x}");
     ensure!(caps & SYS_ADMIN != 0 && caps & CHOWN != 0, "{caps:x}");
+    Ok(())
+}
+
+/// A `/proc/self/status` field (`CapEff`, `Seccomp`, ...) as a number (hex for Cap* fields).
+fn status_field(lines: &[String], name: &str) -> anyhow::Result<u64> {
+    let value = lines
+        .iter()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .with_context(|| format!("no {name} line in {lines:?}"))?
+        .trim();
+    let radix = if name.starts_with("Cap") { 16 } else { 10 };
+    Ok(u64::from_str_radix(value, radix)?)
+}
+
+/// The runtime compiles the seccomp profile once and the init loads it; without
+/// no_new_privs the spec lends the init CAP_SYS_ADMIN (and CAP_SETPCAP) for that. The
+/// container, and a process exec'd into it, must end with the filter and exactly its own
+/// capability sets, with and without no_new_privs, also when CAP_SETPCAP is dropped.
+fn compiled_filter_leaves_exactly_the_container_capabilities() -> anyhow::Result<()> {
+    // containerd's default set: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
+    // NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP.
+    const DEFAULT: u64 = (1 << 0)
+        | (1 << 1)
+        | (1 << 3)
+        | (1 << 4)
+        | (1 << 5)
+        | (1 << 6)
+        | (1 << 7)
+        | (1 << 8)
+        | (1 << 10)
+        | (1 << 13)
+        | (1 << 18)
+        | (1 << 27)
+        | (1 << 29)
+        | (1 << 31);
+    const SETPCAP: u64 = 1 << 8;
+    let env = Env::new()?;
+    let show =
+        "grep -E '^(Cap|Seccomp:|NoNewPrivs:)' /proc/self/status; unshare -U true; echo user=$?";
+    let check = |lines: &[String], want: u64, nnp: u64, what: &str| -> anyhow::Result<()> {
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            let got = status_field(lines, set)?;
+            ensure!(
+                got == want,
+                "{what}: {set} {got:x}, want {want:x}: {lines:?}"
+            );
+        }
+        ensure!(status_field(lines, "CapInh")? == 0, "{what}: {lines:?}");
+        ensure!(status_field(lines, "CapAmb")? == 0, "{what}: {lines:?}");
+        ensure!(
+            status_field(lines, "Seccomp")? == 2,
+            "{what}: no filter: {lines:?}"
+        );
+        ensure!(
+            status_field(lines, "NoNewPrivs")? == nnp,
+            "{what}: {lines:?}"
+        );
+        ensure!(
+            lines.last().is_some_and(|l| l != "user=0"),
+            "{what}: unshare -U worked: {lines:?}"
+        );
+        Ok(())
+    };
+    let (_, lines, _) = env.run_to_exit(&env.sh(show))?;
+    check(&lines, DEFAULT, 0, "default")?;
+
+    let mut cfg = env.sh(show);
+    cfg.security.cap_drop = vec!["SETPCAP".into()];
+    let (_, lines, _) = env.run_to_exit(&cfg)?;
+    check(&lines, DEFAULT & !SETPCAP, 0, "without SETPCAP")?;
+
+    let mut cfg = env.sh(show);
+    cfg.security.no_new_privs = true;
+    let (_, lines, _) = env.run_to_exit(&cfg)?;
+    check(&lines, DEFAULT, 1, "no_new_privs")?;
+
+    let id = env.run(&env.sh("sleep 300"))?;
+    let cmd = vec!["sh".to_string(), "-c".to_string(), show.to_string()];
+    let r = env.rt.exec_sync(&id, &cmd, Some(Duration::from_secs(20)))?;
+    let lines: Vec<String> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    check(&lines, DEFAULT, 0, "exec")?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use super::spec::{SpecContext, build_spec};
 use super::state::{ContainerRecord, write_json};
 use super::{
     ContainerConfig, ContainerError, ContainerRuntime, SeccompProfile, cgroups, rootfs, seccomp,
-    sys, user,
+    seccomp_bpf, sys, user,
 };
 use crate::image::ImageStore;
 
@@ -160,13 +160,9 @@ impl ContainerRuntime {
             localhost_seccomp,
         };
         let mut spec = build_spec(&image.config, config, &ctx)?;
-        if let Some(linux) = spec.linux_mut()
-            && let Some(profile) = linux.seccomp().clone()
-        {
-            linux.set_seccomp(Some(seccomp::for_libcontainer(profile)));
-        }
         let bundle = self.paths.bundle(id);
         crate::fsutil::mkdir_all(&bundle)?;
+        self.hand_over_seccomp(id, &mut spec, &bundle)?;
         let data = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Monitor {
             id: id.to_string(),
             reason: format!("serialize spec: {e}"),
@@ -177,6 +173,45 @@ impl ContainerRuntime {
         self.spawn_monitor(id)?;
         phase(id, "monitor until created", t);
         Ok(())
+    }
+
+    /// Moves the spec's seccomp profile into the bundle as a compiled program for the init
+    /// to load (`seccomp_bpf`); a profile only libcontainer can load stays in the spec,
+    /// translated for it.
+    fn hand_over_seccomp(
+        &self,
+        id: &str,
+        spec: &mut oci_spec::runtime::Spec,
+        bundle: &std::path::Path,
+    ) -> Result<(), ContainerError> {
+        let no_new_privs = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.no_new_privileges())
+            .unwrap_or(false);
+        let Some(profile) = spec.linux().as_ref().and_then(|l| l.seccomp().clone()) else {
+            return Ok(());
+        };
+        let Some(compiled) = self.filters.get(&profile)? else {
+            if let Some(linux) = spec.linux_mut() {
+                linux.set_seccomp(Some(seccomp::for_libcontainer(profile)));
+            }
+            return Ok(());
+        };
+        let mut process = spec.process().clone();
+        let mut caps = process.as_ref().and_then(|p| p.capabilities().clone());
+        let plan = seccomp_bpf::plan(&compiled, profile, no_new_privs, caps.as_mut());
+        if let Some(p) = process.as_mut() {
+            p.set_capabilities(caps);
+        }
+        spec.set_process(process);
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_seccomp(None);
+        }
+        seccomp_bpf::write(bundle, &plan).map_err(|reason| ContainerError::Monitor {
+            id: id.to_string(),
+            reason,
+        })
     }
 
     /// Starts the monitor and waits until it reports the container created (or why not).

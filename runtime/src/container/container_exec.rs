@@ -298,6 +298,11 @@ impl Helper<'_> {
                 .with_stderr(dup(2)?);
             None
         };
+        // The container's seccomp filter, compiled by the runtime, beside its spec.
+        let bundle = self.spec.parent().ok_or("the spec path has no directory")?;
+        if let Some(install) = super::seccomp_bpf::Install::read(bundle)? {
+            builder = builder.with_executor(super::seccomp_bpf::FilterExecutor::new(install));
+        }
         let pid = builder
             .as_tenant()
             .with_process(Some(process))

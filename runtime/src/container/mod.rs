@@ -31,6 +31,7 @@ pub mod crilog;
 pub mod monitor;
 pub mod rootfs;
 pub mod seccomp;
+pub mod seccomp_bpf;
 pub mod spec;
 pub mod state;
 pub mod sys;
@@ -132,6 +133,8 @@ impl RuntimeOptions {
 pub struct ContainerRuntime {
     opts: RuntimeOptions,
     paths: state::Paths,
+    /// Seccomp programs compiled so far (see `seccomp_bpf`).
+    filters: std::sync::Arc<seccomp_bpf::FilterCache>,
 }
 
 impl ContainerRuntime {
@@ -143,7 +146,11 @@ impl ContainerRuntime {
             run: opts.run_dir.clone(),
         };
         crate::fsutil::mkdir_all(&paths.containers)?;
-        Ok(ContainerRuntime { opts, paths })
+        Ok(ContainerRuntime {
+            opts,
+            paths,
+            filters: Default::default(),
+        })
     }
 
     pub fn options(&self) -> &RuntimeOptions {

@@ -29,6 +29,7 @@ use nix::unistd::Pid;
 use super::cgroups;
 use super::container_attach::{self as attach, SOCKET};
 use super::crilog::{CriLogWriter, Stream};
+use super::seccomp_bpf::{FilterExecutor, Install};
 use super::state::{ContainerRecord, ExitRecord, Paths, RunState, read_json, write_json};
 use super::sys::ProcessId;
 use super::tty::{ConsoleSocket, bind_in};
@@ -429,6 +430,10 @@ impl Monitor {
         } else {
             None
         };
+        // The container's seccomp filter, compiled by the runtime (see `seccomp_bpf`).
+        if let Some(install) = Install::read(&paths.bundle(id))? {
+            builder = builder.with_executor(FilterExecutor::new(install));
+        }
         let container = builder
             .validate_id()
             .map_err(|e| format!("container id: {e}"))?
