@@ -23,6 +23,70 @@ pub enum CgroupError {
 
 const ROOT: &str = "/sys/fs/cgroup";
 
+/// Gives the next cgroup move of this node a head start on its RCU grace period.
+///
+/// Moving a process into a cgroup (a write to `cgroup.procs`) takes the kernel's global
+/// cgroup_threadgroup_rwsem for writing, and the first writer after a quiet spell waits out an
+/// RCU grace period before it gets it (7-13 ms on these machines, idle CPU); writers in the
+/// grace period after it go through at once. libcontainer's intermediate process is such a
+/// writer on every create and every exec, 10-20 ms into the call: the wait used to come
+/// after all the rest. This starts it at the beginning instead: a short-lived thread moves
+/// this process to the cgroup it is already in (a move that changes nothing but takes the
+/// lock), so the grace period runs beside the record, rootfs, spec and monitor start-up, and
+/// libcontainer's write finds it over. Best effort: a failure only loses the head start.
+pub fn start_grace_period() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
+    static OWN_PROCS: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let Some(procs) = OWN_PROCS.get_or_init(own_procs_file) else {
+        return;
+    };
+    if IN_FLIGHT.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("keel-cgroup-gp".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            // "0": the writing task's own thread group, into the cgroup it is in.
+            let _ = std::fs::write(procs, "0");
+            IN_FLIGHT.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        IN_FLIGHT.store(false, Ordering::Release);
+    }
+}
+
+/// The `cgroup.procs` of this process's own cgroup in one hierarchy (any: the lock is global).
+fn own_procs_file() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    own_procs_candidates(&text)
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// Candidates from `/proc/self/cgroup`: each v1 controller hierarchy, then the v2 one.
+fn own_procs_candidates(proc_self_cgroup: &str) -> Vec<PathBuf> {
+    let mut v1 = Vec::new();
+    let mut v2 = Vec::new();
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            v2.push(Path::new(ROOT).join(rel).join("cgroup.procs"));
+            v2.push(Path::new(ROOT).join("unified").join(rel).join("cgroup.procs"));
+        } else if let Some(first) = controllers.split(',').find(|c| !c.starts_with("name=")) {
+            v1.push(Path::new(ROOT).join(first).join(rel).join("cgroup.procs"));
+        }
+    }
+    v1.extend(v2);
+    v1
+}
+
 /// Whether the node uses the unified hierarchy for its controllers.
 pub fn is_v2() -> bool {
     matches!(get_cgroup_setup(), Ok(CgroupSetup::Unified))
@@ -178,6 +242,29 @@ pub fn stats(cgroups_path: &Path) -> CgroupStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_cgroup_candidates_cover_v1_and_v2() {
+        let hybrid = "9:name=systemd:/\n8:pids:/user.slice\n4:cpu,cpuacct:/\n0::/\n";
+        assert_eq!(
+            own_procs_candidates(hybrid),
+            [
+                "/sys/fs/cgroup/pids/user.slice/cgroup.procs",
+                "/sys/fs/cgroup/cpu/cgroup.procs",
+                "/sys/fs/cgroup/cgroup.procs",
+                "/sys/fs/cgroup/unified/cgroup.procs",
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            own_procs_candidates("0::/system.slice/keel.service\n"),
+            [
+                "/sys/fs/cgroup/system.slice/keel.service/cgroup.procs",
+                "/sys/fs/cgroup/unified/system.slice/keel.service/cgroup.procs",
+            ]
+            .map(PathBuf::from)
+        );
+    }
 
     #[test]
     fn keyed_files_parse() {

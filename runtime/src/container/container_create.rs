@@ -74,6 +74,7 @@ impl ContainerRuntime {
         if !config.name.is_empty() && self.resolve(&config.name).is_ok() {
             return Err(ContainerError::NameInUse(config.name.clone()));
         }
+        cgroups::start_grace_period();
         let id = new_id();
         let dir = self.paths.dir(&id);
         std::fs::create_dir(&dir).map_err(|e| crate::fsutil::FsError::new("create", &dir, e))?;

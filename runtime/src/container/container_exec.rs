@@ -150,6 +150,8 @@ impl ContainerRuntime {
             .dir(id)
             .join(format!("exec-{:08x}.json", rand::random::<u32>()));
         let exe = self.monitor_exe()?;
+        // The helper's libcontainer moves it into the container's cgroups.
+        super::cgroups::start_grace_period();
         let timeout_ms = timeout.map(|t| t.as_millis().max(1) as u64).unwrap_or(0);
         let child = Command::new(&exe)
             .arg(EXEC_ARG)
