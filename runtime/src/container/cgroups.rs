@@ -78,7 +78,12 @@ fn own_procs_candidates(proc_self_cgroup: &str) -> Vec<PathBuf> {
         let rel = path.trim_start_matches('/');
         if controllers.is_empty() {
             v2.push(Path::new(ROOT).join(rel).join("cgroup.procs"));
-            v2.push(Path::new(ROOT).join("unified").join(rel).join("cgroup.procs"));
+            v2.push(
+                Path::new(ROOT)
+                    .join("unified")
+                    .join(rel)
+                    .join("cgroup.procs"),
+            );
         } else if let Some(first) = controllers.split(',').find(|c| !c.starts_with("name=")) {
             v1.push(Path::new(ROOT).join(first).join(rel).join("cgroup.procs"));
         }
