@@ -66,6 +66,25 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<(), FsError> {
     result
 }
 
+/// Writes `data` to `path` atomically but not durably (temp file, rename): readers see the old
+/// content or the new, also after this process crashes, but a power loss may lose the write.
+/// For files that matter only while processes of this boot live (a container's bundle).
+pub fn replace_file(path: &Path, data: &[u8]) -> Result<(), FsError> {
+    let dir = parent(path);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        rand::random::<u32>()
+    ));
+    let result = std::fs::write(&tmp, data)
+        .ctx("write", &tmp)
+        .and_then(|()| std::fs::rename(&tmp, path).ctx("rename into place", path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// fsyncs a directory so that renames and creations in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
     File::open(dir)
@@ -187,14 +206,16 @@ mod tests {
 
     #[test]
     fn atomic_write_replaces_whole_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("state.json");
-        atomic_write(&p, b"first version, long").unwrap();
-        atomic_write(&p, b"second").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"second");
-        // no temp files left beside it
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
-        assert_eq!(names.len(), 1);
+        for write in [atomic_write, replace_file] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("state.json");
+            write(&p, b"first version, long").unwrap();
+            write(&p, b"second").unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"second");
+            // no temp files left beside it
+            let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+            assert_eq!(names.len(), 1);
+        }
     }
 
     #[test]

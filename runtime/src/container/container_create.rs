@@ -168,7 +168,9 @@ impl ContainerRuntime {
             id: id.to_string(),
             reason: format!("serialize spec: {e}"),
         })?;
-        crate::fsutil::atomic_write(&bundle.join("config.json"), &data)?;
+        // Not fsync'd: the bundle serves only the container's processes, which a power loss
+        // ends; the record above is what recovery reads.
+        crate::fsutil::replace_file(&bundle.join("config.json"), &data)?;
         phase(id, "spec", t);
         let t = Instant::now();
         self.spawn_monitor(id)?;

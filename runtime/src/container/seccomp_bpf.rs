@@ -265,7 +265,8 @@ pub fn plan(
 /// Writes the plan into the bundle.
 pub fn write(bundle: &Path, plan: &Plan) -> Result<(), String> {
     let text = serde_json::to_vec(plan).map_err(|e| format!("serialize {PLAN_FILE}: {e}"))?;
-    crate::fsutil::atomic_write(&bundle.join(PLAN_FILE), &text).map_err(|e| e.to_string())
+    // Beside config.json, and like it not fsync'd (see container_create).
+    crate::fsutil::replace_file(&bundle.join(PLAN_FILE), &text).map_err(|e| e.to_string())
 }
 
 /// The part of the plan the init needs.
