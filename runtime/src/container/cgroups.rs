@@ -140,6 +140,15 @@ pub fn update(cgroups_path: &Path, resources: &LinuxResources) -> Result<(), Cgr
 
 /// Kills what is left in the cgroup and removes it in every hierarchy (idempotent).
 pub fn remove(cgroups_path: &Path) -> Result<(), CgroupError> {
+    // Usually libcontainer's delete has removed it already: one read of mountinfo and a stat
+    // per hierarchy instead of a manager (which walks mountinfo per controller).
+    let rel = rel(cgroups_path);
+    if !crate::pod::cgroup::hierarchy_roots()
+        .iter()
+        .any(|root| root.join(rel).exists())
+    {
+        return Ok(());
+    }
     let m = manager(cgroups_path)?;
     m.remove().map_err(|e| CgroupError::Manager {
         path: cgroups_path.to_owned(),
