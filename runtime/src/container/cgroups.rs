@@ -140,13 +140,22 @@ pub fn update(cgroups_path: &Path, resources: &LinuxResources) -> Result<(), Cgr
 
 /// Kills what is left in the cgroup and removes it in every hierarchy (idempotent).
 pub fn remove(cgroups_path: &Path) -> Result<(), CgroupError> {
-    // Usually libcontainer's delete has removed it already: one read of mountinfo and a stat
-    // per hierarchy instead of a manager (which walks mountinfo per controller).
+    // Usually the cgroup is empty by now (the init was reaped): rmdir in each hierarchy is all
+    // it takes, without a manager (which walks mountinfo per controller). Anything still in it,
+    // or below it, is the manager's to kill and remove.
     let rel = rel(cgroups_path);
-    if !crate::pod::cgroup::hierarchy_roots()
+    let mut left = false;
+    for dir in crate::pod::cgroup::hierarchy_roots()
         .iter()
-        .any(|root| root.join(rel).exists())
+        .map(|root| root.join(rel))
     {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => left = true,
+        }
+    }
+    if !left {
         return Ok(());
     }
     let m = manager(cgroups_path)?;

@@ -42,7 +42,11 @@ impl ContainerRuntime {
         phase(id, "remove: monitor exit", t);
         let t = Instant::now();
         let libdir = self.paths.libcontainer(id);
-        if libdir.exists() {
+        // With the init gone, libcontainer's delete only removes the cgroup (done below) and
+        // its state directory; it is needed for an init that still exists (a create that
+        // failed half way, a monitor that was killed).
+        let init_alive = run.init.is_some_and(|p| p.is_alive());
+        if init_alive && libdir.exists() {
             match Container::load(libdir.clone()) {
                 Ok(mut c) => {
                     if let Err(e) = c.delete(true) {
@@ -51,8 +55,8 @@ impl ContainerRuntime {
                 }
                 Err(e) => tracing::warn!(%id, error = %e, "libcontainer load"),
             }
-            crate::fsutil::remove_dir_all_if_exists(&libdir)?;
         }
+        crate::fsutil::remove_dir_all_if_exists(&libdir)?;
         phase(id, "remove: libcontainer delete", t);
         let t = Instant::now();
         let record: Option<ContainerRecord> = read_json(&self.paths.record(id)).ok().flatten();
