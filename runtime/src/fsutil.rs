@@ -47,12 +47,7 @@ impl<T> IoContext<T> for io::Result<T> {
 
 /// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<(), FsError> {
-    let dir = parent(path);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        rand::random::<u32>()
-    ));
+    let (dir, tmp) = temp_beside(path);
     let result = (|| {
         let mut f = File::create(&tmp).ctx("create", &tmp)?;
         f.write_all(data).ctx("write", &tmp)?;
@@ -70,12 +65,7 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<(), FsError> {
 /// content or the new, also after this process crashes, but a power loss may lose the write.
 /// For files that matter only while processes of this boot live (a container's bundle).
 pub fn replace_file(path: &Path, data: &[u8]) -> Result<(), FsError> {
-    let dir = parent(path);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        rand::random::<u32>()
-    ));
+    let (_, tmp) = temp_beside(path);
     let result = std::fs::write(&tmp, data)
         .ctx("write", &tmp)
         .and_then(|()| std::fs::rename(&tmp, path).ctx("rename into place", path));
@@ -83,6 +73,17 @@ pub fn replace_file(path: &Path, data: &[u8]) -> Result<(), FsError> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// `path`'s directory and a fresh temp file name in it, for writing before a rename.
+fn temp_beside(path: &Path) -> (&Path, PathBuf) {
+    let dir = parent(path);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        rand::random::<u32>()
+    ));
+    (dir, tmp)
 }
 
 /// fsyncs a directory so that renames and creations in it are durable.

@@ -8,6 +8,7 @@
 //! It must never touch resources it did not create, nor send traffic anywhere but loopback or
 //! namespaces it made.
 
+pub mod bpf_test_run;
 pub mod cgroup;
 pub mod etcd;
 pub mod image_builder;

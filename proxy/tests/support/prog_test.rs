@@ -14,6 +14,8 @@ use keel_ebpf::{
     IPPROTO_TCP, KEEL_MAGLEV_M, L4Addr, MaglevKey, SlotKey, SvcKey, SvcVal, map_names,
 };
 use keel_proxy::maglev;
+use keel_testkit::bpf_test_run::test_run as test_run_attr;
+pub use keel_testkit::bpf_test_run::{TestRunAttr, csum};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -38,53 +40,12 @@ pub fn test_run(prog_fd: i32, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
         repeat: 1,
         ..Default::default()
     };
-    // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN; data_in/data_out point
-    // to live buffers of the sizes given, which outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            10, /* BPF_PROG_TEST_RUN */
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if rc != 0 {
-        bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    // SAFETY: data_in/data_out point to live buffers of the sizes given, which outlive the call.
+    if let Err(e) = unsafe { test_run_attr(&mut attr) } {
+        bail!("BPF_PROG_TEST_RUN: {e}");
     }
     out.truncate(attr.data_size_out as usize);
     Ok((attr.retval, out))
-}
-
-/// `bpf_attr.test` of BPF_PROG_TEST_RUN.
-#[repr(C)]
-#[derive(Default)]
-pub struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-pub fn csum(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 pub fn pseudo(pkt: &[u8]) -> u32 {

@@ -19,37 +19,13 @@ use aya::maps::PerCpuArray;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use keel_ebpf::bench;
+use keel_testkit::bpf_test_run::{BPF_F_TEST_XDP_LIVE_FRAMES, TestRunAttr, csum, test_run};
 use keel_testkit::netns::in_netns;
 
-/// BPF_PROG_TEST_RUN's flag that transmits XDP_TX / XDP_REDIRECT frames (linux/bpf.h).
-const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// Frames per bpf_xdp_do_flush in a live test run: NAPI's budget, a driver's batch.
 const GEN_BATCH: u32 = 64;
 /// Frames per test-run call; the generator loops calls until its window is over.
 const GEN_CHUNK: u32 = 1 << 16;
-
-/// `bpf_attr.test` of BPF_PROG_TEST_RUN.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
 
 /// `struct xdp_md`, the context a live test run starts from.
 #[repr(C)]
@@ -61,17 +37,6 @@ struct XdpMd {
     ingress_ifindex: u32,
     rx_queue_index: u32,
     egress_ifindex: u32,
-}
-
-/// One's-complement sum of `data` (odd length padded with zero) on top of `sum`, complemented.
-fn csum(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// An Ethernet + IPv4 + UDP frame `src_mac` -> `dst_mac`, `src` -> `dst`, with `payload` bytes
@@ -222,21 +187,10 @@ fn live_run(prog_fd: i32, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Re
         batch_size: GEN_BATCH,
         ..Default::default()
     };
-    // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN; data_in and ctx_in point to
-    // live buffers of the sizes given, which outlive the call; live mode writes no output.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "BPF_PROG_TEST_RUN (live frames, ifindex {ifindex}): {}",
-            std::io::Error::last_os_error()
-        );
+    // SAFETY: data_in and ctx_in point to live buffers of the sizes given, which outlive the
+    // call; live mode writes no output.
+    if let Err(e) = unsafe { test_run(&mut attr) } {
+        bail!("BPF_PROG_TEST_RUN (live frames, ifindex {ifindex}): {e}");
     }
     Ok(())
 }
