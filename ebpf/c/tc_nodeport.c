@@ -84,7 +84,7 @@ int keel_tc_nodeport(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	switch (np_choose(&ct, &t, 0)) {
+	switch (np_choose(&ct, &t, 0, 0)) {
 	case NP_FORWARD:
 		break;
 	case NP_REJECT:

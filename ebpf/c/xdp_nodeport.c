@@ -58,6 +58,14 @@
 
 #include "lib/nodeport.h"
 
+/* Not pinned: a cache, which a new program may start empty. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KEEL_FIB_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct keel_fib_cache);
+} keel_xdp_fib SEC(".maps");
+
 /* Folds a 32-bit ones' complement sum of 16-bit words into 16 bits. */
 static __always_inline __u16 csum_fold32(__u32 s)
 {
@@ -88,6 +96,42 @@ static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
 	return (__u16)~csum_fold32(s);
 }
 
+/*
+ * The FIB cache (keel_xdp_fib): bpf_fib_lookup's answer for a flow, reused for KEEL_FIB_CACHE_NS
+ * by the flow's later packets on this CPU. The tag is everything the lookup takes from the
+ * packet (addresses, ports, protocol, TOS, ingress interface); a longer packet than any the
+ * lookup passed looks up again (its MTU check). Routes or neighbours that change are seen within
+ * KEEL_FIB_CACHE_NS; a failed lookup empties the slot, so a flow the stack forwards keeps
+ * looking up. Per CPU, so no lock and no shared cache line; a slot two flows hash to is the last
+ * one's.
+ */
+static __always_inline int fib_cache_hit(const struct keel_fib_cache *fc, const struct iphdr *ip,
+					 const __be16 *ports, __u32 iif)
+{
+	return fc->at_ns && bpf_ktime_get_coarse_ns() - fc->at_ns < KEEL_FIB_CACHE_NS &&
+	       fc->daddr == ip->daddr && fc->saddr == ip->saddr && fc->sport == ports[0] &&
+	       fc->dport == ports[1] && fc->proto == ip->protocol && fc->tos == ip->tos &&
+	       fc->iif == iif && bpf_ntohs(ip->tot_len) <= fc->len_ok;
+}
+
+static __always_inline void fib_cache_fill(struct keel_fib_cache *fc, const struct iphdr *ip,
+					   const __be16 *ports, __u32 iif,
+					   const struct bpf_fib_lookup *fib)
+{
+	fc->saddr = ip->saddr;
+	fc->daddr = ip->daddr;
+	fc->sport = ports[0];
+	fc->dport = ports[1];
+	fc->proto = ip->protocol;
+	fc->tos = ip->tos;
+	fc->len_ok = bpf_ntohs(ip->tot_len);
+	fc->iif = iif;
+	fc->oif = fib->ifindex;
+	__builtin_memcpy(fc->smac, fib->smac, ETH_ALEN);
+	__builtin_memcpy(fc->dmac, fib->dmac, ETH_ALEN);
+	fc->at_ns = bpf_ktime_get_coarse_ns();
+}
+
 SEC("xdp")
 int keel_xdp_nodeport(struct xdp_md *ctx)
 {
@@ -98,15 +142,16 @@ int keel_xdp_nodeport(struct xdp_md *ctx)
 	struct np_target t = {};
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
+	struct keel_fib_cache *fc;
 	__be16 *ports;
 	__u16 *check, old_word;
+	__u32 slot;
 	int rc;
 
 	if (np_parse_flow(data, data_end, &ct))
 		return XDP_PASS;
-	if (bpf_map_lookup_elem(&keel_tc_revnat, &ct))
-		return XDP_PASS; /* a reply: tc's reverse NAT */
-	if (np_choose(&ct, &t, 1) != NP_FORWARD)
+	/* Replies (NP_REPLY) are tc's reverse NAT. */
+	if (np_choose(&ct, &t, 1, 1) != NP_FORWARD)
 		return XDP_PASS;
 
 	/* The verifier wants the bounds proven again on these registers. */
@@ -141,26 +186,37 @@ int keel_xdp_nodeport(struct xdp_md *ctx)
 	ip->daddr = t.addr;
 	ports[1] = t.port;
 
-	fib.family = KEEL_AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
-	fib.sport = ports[0];
-	fib.dport = ports[1];
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = ctx->ingress_ifindex;
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS || ip->ttl <= 1)
-		return XDP_PASS; /* the stack forwards it (and answers an expiring TTL) */
+	if (ip->ttl <= 1)
+		return XDP_PASS; /* the stack answers an expiring TTL */
+	slot = flow_hash(&ct) & (KEEL_FIB_CACHE_SLOTS - 1);
+	fc = bpf_map_lookup_elem(&keel_xdp_fib, &slot);
+	if (!fc)
+		return XDP_PASS;
+	if (!fib_cache_hit(fc, ip, ports, ctx->ingress_ifindex)) {
+		fib.family = KEEL_AF_INET;
+		fib.tos = ip->tos;
+		fib.l4_protocol = ip->protocol;
+		fib.sport = ports[0];
+		fib.dport = ports[1];
+		fib.tot_len = bpf_ntohs(ip->tot_len);
+		fib.ipv4_src = ip->saddr;
+		fib.ipv4_dst = ip->daddr;
+		fib.ifindex = ctx->ingress_ifindex;
+		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+			fc->at_ns = 0;
+			return XDP_PASS; /* the stack forwards it (and resolves the neighbour) */
+		}
+		fib_cache_fill(fc, ip, ports, ctx->ingress_ifindex, &fib);
+	}
 
 	/* Forwarded as the stack would: TTL down, the next hop's MACs. */
 	old_word = *(__u16 *)&ip->ttl;
 	ip->ttl--;
 	ip->check = csum_replace2(ip->check, old_word, *(__u16 *)&ip->ttl);
-	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	return bpf_redirect(fib.ifindex, 0);
+	__builtin_memcpy(eth->h_dest, fc->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fc->smac, ETH_ALEN);
+	return bpf_redirect(fc->oif, 0);
 }
 
 SEC("xdp")

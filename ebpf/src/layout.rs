@@ -136,6 +136,25 @@ pub struct NatVal {
     pub pad: u16,
 }
 
+/// `struct keel_fib_cache`: the XDP program's per-CPU FIB cache (keel_xdp_fib, not pinned).
+/// Userspace only reads it in tests.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FibCache {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tos: u8,
+    pub len_ok: u16,
+    pub iif: u32,
+    pub oif: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub at_ns: u64,
+}
+
 /// `struct keel_maglev_key`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -170,6 +189,8 @@ unsafe impl aya::Pod for CtVal {}
 unsafe impl aya::Pod for NatVal {}
 // SAFETY: as above.
 unsafe impl aya::Pod for MaglevKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FibCache {}
 
 /// The map encoding of an address: IPv4 in the first 4 bytes, the rest zero.
 pub fn encode_ip(ip: IpAddr) -> ([u8; 16], u8) {
@@ -324,6 +345,19 @@ mod tests {
             f!("keel_nat_val", NatVal, addr),
             f!("keel_nat_val", NatVal, port),
             f!("keel_nat_val", NatVal, pad),
+            s!("keel_fib_cache", FibCache),
+            f!("keel_fib_cache", FibCache, saddr),
+            f!("keel_fib_cache", FibCache, daddr),
+            f!("keel_fib_cache", FibCache, sport),
+            f!("keel_fib_cache", FibCache, dport),
+            f!("keel_fib_cache", FibCache, proto),
+            f!("keel_fib_cache", FibCache, tos),
+            f!("keel_fib_cache", FibCache, len_ok),
+            f!("keel_fib_cache", FibCache, iif),
+            f!("keel_fib_cache", FibCache, oif),
+            f!("keel_fib_cache", FibCache, smac),
+            f!("keel_fib_cache", FibCache, dmac),
+            f!("keel_fib_cache", FibCache, at_ns),
             s!("keel_maglev_key", MaglevKey),
             f!("keel_maglev_key", MaglevKey, svc_id),
             f!("keel_maglev_key", MaglevKey, idx),

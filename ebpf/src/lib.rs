@@ -52,7 +52,8 @@ pub const SOCK_PROGRAMS: &[(&str, &str)] = &[
     ("keel_getpeername6", "getpeername6"),
 ];
 
-/// Names of the maps the programs pin by name (LIBBPF_PIN_BY_NAME) in the proxy's bpffs dir.
+/// Names of the maps the programs pin by name (LIBBPF_PIN_BY_NAME) in the proxy's bpffs dir, and
+/// of the one map that is not pinned.
 pub mod map_names {
     pub const SERVICES: &str = "keel_svc";
     pub const SLOTS: &str = "keel_slots";
@@ -67,6 +68,8 @@ pub mod map_names {
     pub const ALL: &[&str] = &[SERVICES, SLOTS, BACKENDS, SOCK_REVNAT, SOCK_AFFINITY, STATS];
     /// The maps only the NodePort programs (tc and XDP) add.
     pub const TC: &[&str] = &[CT, TC_REVNAT, MAGLEV];
+    /// Not pinned: the XDP program's per-CPU FIB cache ([`crate::FibCache`]).
+    pub const XDP_FIB_CACHE: &str = "keel_xdp_fib";
 }
 
 /// Bench only (`bench proxy` (4), the NodePort forwarding rate): a traffic generator and a sink,

@@ -2,7 +2,9 @@
 //! program on the same pinned maps: DNAT of an externalTrafficPolicy=Local flow with valid IPv4
 //! and TCP/UDP checksums, conntrack hit on the next packet, the tc program agreeing on the flow;
 //! FIB forwarding (XDP_REDIRECT with the next hop's MACs and TTL - 1) when the test's namespace
-//! has a route and a neighbour, XDP_PASS of the DNATed frame when it has none; what it leaves to
+//! has a route and a neighbour, XDP_PASS of the DNATed frame when it has none; the per-CPU FIB
+//! cache (used by the flow's later packets, within its lifetime, the flow's tag and the MTU
+//! checked length only); what it leaves to
 //! tc untouched (Cluster policy, also once tc made the flow; no backends; replies; anything not
 //! a service).
 //!
@@ -18,8 +20,9 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use keel_ebpf::{
-    CT_F_SNAT, CtKey, CtVal, IPPROTO_TCP, IPPROTO_UDP, L4Addr, NatVal, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SvcKey, SvcStats, TC_OBJECT, TC_PROGRAM, XDP_OBJECT, XDP_PROGRAM, map_names,
+    CT_F_SNAT, CtKey, CtVal, FibCache, IPPROTO_TCP, IPPROTO_UDP, KEEL_FIB_CACHE_NS,
+    KEEL_FIB_CACHE_SLOTS, L4Addr, NatVal, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SvcKey, SvcStats,
+    TC_OBJECT, TC_PROGRAM, XDP_OBJECT, XDP_PROGRAM, map_names,
 };
 use keel_testkit::{NetnsGuard, StateRoot, VethPair};
 
@@ -267,6 +270,163 @@ fn xdp_forwards_by_the_fib_when_route_and_neighbour_exist() -> Result<()> {
     let (verdict, out) = h.xdp(&last_hop)?;
     assert_eq!((verdict, addrs(&out).1), (XDP_PASS, BE1));
     assert_checksums(&out);
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the FIB cache's clock (bpf_ktime_get_coarse_ns).
+fn coarse_now_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` outlives the call.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) },
+        0
+    );
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The XDP program's FIB cache slots holding a lookup for `daddr` (network byte order):
+/// (slot, CPU, entry).
+fn fib_cache_entries(h: &Harness, daddr: u32) -> Vec<(u32, usize, FibCache)> {
+    let arr: PerCpuArray<&MapData, FibCache> =
+        PerCpuArray::try_from(h.xdp.map(map_names::XDP_FIB_CACHE).unwrap()).unwrap();
+    let mut found = Vec::new();
+    for slot in 0..KEEL_FIB_CACHE_SLOTS {
+        for (cpu, e) in arr.get(&slot, 0).unwrap().iter().enumerate() {
+            if e.at_ns != 0 && e.daddr == daddr {
+                found.push((slot, cpu, *e));
+            }
+        }
+    }
+    found
+}
+
+/// Writes `entry` into `slot` on every CPU (the test run may land on any).
+fn plant_fib_cache(h: &mut Harness, slot: u32, entry: FibCache) {
+    let mut arr: PerCpuArray<&mut MapData, FibCache> =
+        PerCpuArray::try_from(h.xdp.map_mut(map_names::XDP_FIB_CACHE).unwrap()).unwrap();
+    let n = aya::util::nr_cpus().unwrap();
+    arr.set(
+        slot,
+        aya::maps::PerCpuValues::try_from(vec![entry; n]).unwrap(),
+        0,
+    )
+    .unwrap();
+}
+
+#[test]
+fn xdp_fib_cache_serves_a_flow_within_its_lifetime_and_mtu_only() -> Result<()> {
+    privileged!("xdp_fib_cache_serves_a_flow_within_its_lifetime_and_mtu_only");
+    let mut h = Harness::new()?;
+    h.service(3, 80, IPPROTO_TCP, &[be(1)], LOCAL);
+    let peer = NetnsGuard::new()?;
+    let _veth = VethPair::between(&h.ns, "x0", &peer, "x1")?;
+    h.ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])?;
+    h.ns.exec("ip", &["link", "set", "x0", "address", "02:00:00:00:00:bb"])?;
+    h.ns.exec("ip", &["link", "set", "x0", "mtu", "1000"])?;
+    h.ns.exec("ip", &["addr", "add", "10.2.0.254/24", "dev", "x0"])?;
+    h.ns.exec("ip", &["link", "set", "x0", "up"])?;
+    peer.exec("ip", &["link", "set", "x1", "up"])?;
+    h.ns.exec(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            "10.2.0.1",
+            "lladdr",
+            "02:00:00:00:00:aa",
+            "dev",
+            "x0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    let backend = u32::from_ne_bytes(BE1.0.octets());
+    let dmac = |out: &[u8]| -> [u8; 6] { out[0..6].try_into().unwrap() };
+    let syn = packet(IPPROTO_TCP, CLIENT, 40000, VIP, 80);
+
+    // The first packet's lookup fills exactly one slot, tagged with the DNATed flow.
+    let (verdict, out) = h.xdp(&syn)?;
+    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa]));
+    let cached = fib_cache_entries(&h, backend);
+    assert_eq!(cached.len(), 1, "one slot on one CPU: {cached:?}");
+    let (slot, _, entry) = cached[0];
+    assert_eq!(
+        (
+            entry.sport,
+            entry.dport,
+            entry.proto,
+            entry.dmac,
+            entry.smac
+        ),
+        (
+            40000u16.to_be(),
+            BE1.1.to_be(),
+            IPPROTO_TCP,
+            [2, 0, 0, 0, 0, 0xaa],
+            [2, 0, 0, 0, 0, 0xbb]
+        )
+    );
+    assert_eq!(usize::from(entry.len_ok), syn.len() - 14);
+
+    // The flow's next packet takes the cached answer, not a lookup: a planted next hop is
+    // where it goes.
+    let planted = FibCache {
+        dmac: [2, 0, 0, 0, 0, 0xee],
+        at_ns: coarse_now_ns(),
+        ..entry
+    };
+    plant_fib_cache(&mut h, slot, planted);
+    let (verdict, out) = h.xdp(&syn)?;
+    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xee]));
+    assert_checksums(&out);
+
+    // A longer packet than the lookup passed is looked up again: over x0's MTU it goes to the
+    // stack (which answers it), and the slot of the CPU it ran on is emptied (the planted
+    // copies on the others stay).
+    let big = l4_packet(
+        IPPROTO_TCP,
+        (CLIENT, 40000),
+        (VIP, 80),
+        Tcp {
+            flags: ACK,
+            seq: 1,
+            ack: 1,
+        },
+        &[0x6b; 1200],
+    );
+    let (verdict, out) = h.xdp(&big)?;
+    assert_eq!((verdict, addrs(&out).1), (XDP_PASS, BE1));
+    let left = fib_cache_entries(&h, backend);
+    assert_eq!(left.len(), aya::util::nr_cpus().unwrap() - 1, "{left:?}");
+
+    // An entry older than its lifetime is looked up again: the real neighbour, not the planted.
+    plant_fib_cache(
+        &mut h,
+        slot,
+        FibCache {
+            at_ns: coarse_now_ns() - KEEL_FIB_CACHE_NS - 1_000_000,
+            ..planted
+        },
+    );
+    let (verdict, out) = h.xdp(&syn)?;
+    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa]));
+
+    // Another flow with the same slot's tag does not match: a different client port looks up
+    // (and finds the real neighbour) even with a fresh planted entry for the first flow.
+    plant_fib_cache(
+        &mut h,
+        slot,
+        FibCache {
+            at_ns: coarse_now_ns(),
+            ..planted
+        },
+    );
+    let other = packet(IPPROTO_TCP, CLIENT, 40001, VIP, 80);
+    let (verdict, out) = h.xdp(&other)?;
+    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa]));
     Ok(())
 }
 

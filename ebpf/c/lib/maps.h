@@ -125,6 +125,28 @@ struct keel_ct_val {
 	__u64 last_seen_ns;
 };
 
+/* keel_xdp_fib: how many entries per CPU (a power of two), and how long one is trusted. */
+#define KEEL_FIB_CACHE_SLOTS 2048
+#define KEEL_FIB_CACHE_NS (100ULL * 1000 * 1000)
+
+/* The XDP NodePort program's per-CPU cache of bpf_fib_lookup results, one slot per flow hash:
+ * the flow after DNAT and what the lookup took from the packet (the tag), and what it returned.
+ * Only the XDP program reads and writes it. */
+struct keel_fib_cache {
+	__be32 saddr;
+	__be32 daddr;      /* the backend */
+	__be16 sport;
+	__be16 dport;      /* the backend's port */
+	__u8 proto;
+	__u8 tos;
+	__u16 len_ok;      /* host order: the IPv4 total length the lookup passed (MTU check) */
+	__u32 iif;         /* ingress ifindex */
+	__u32 oif;         /* egress ifindex */
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u64 at_ns;       /* CLOCK_MONOTONIC_COARSE of the lookup; 0: empty */
+};
+
 /* Reverse NAT of a reply: the service address the client used. */
 struct keel_nat_val {
 	__be32 addr;

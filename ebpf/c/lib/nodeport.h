@@ -73,6 +73,7 @@ static __always_inline int np_parse_flow(void *data, void *data_end, struct keel
 #define NP_FORWARD 1     /* DNAT to target */
 #define NP_REJECT 2      /* a frontend without backends (not counted yet: the caller counts) */
 #define NP_SNAT 3        /* the flow needs masquerade and the caller asked to leave those alone */
+#define NP_REPLY 4       /* a backend's reply (reverse-NAT entry), when the caller asked */
 
 struct np_target {
 	__be32 addr;
@@ -91,9 +92,17 @@ struct np_target {
  * (a new flow of a service without KEEL_SVC_F_LOCAL_ONLY, or a conntrack entry flagged
  * KEEL_CT_F_SNAT): the XDP program forwards past netfilter, which would skip the masquerade,
  * so it leaves such flows to tc.
+ *
+ * `replies`: a flow without conntrack entry that has a reverse-NAT entry (a backend's reply) is
+ * NP_REPLY, nothing created. For a caller that leaves replies alone (XDP): looked up only after
+ * the conntrack miss, so a packet of a known flow costs one hash lookup.
+ *
+ * Times are CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns: no clock read, one tick of
+ * resolution, plenty for conntrack ages), and a conntrack hit writes its entry at most once a
+ * tick: packets of a flow on several CPUs do not bounce its cache line.
  */
 static __always_inline int np_choose(const struct keel_ct_key *ct, struct np_target *t,
-				     int no_snat)
+				     int no_snat, int replies)
 {
 	struct keel_svc_key sk = {};
 	struct keel_ct_val nv = {};
@@ -109,13 +118,18 @@ static __always_inline int np_choose(const struct keel_ct_key *ct, struct np_tar
 	if (cv) {
 		if (no_snat && (cv->flags & KEEL_CT_F_SNAT))
 			return NP_SNAT;
-		cv->last_seen_ns = bpf_ktime_get_ns();
+		__u64 now = bpf_ktime_get_coarse_ns();
+
+		if (cv->last_seen_ns != now)
+			cv->last_seen_ns = now;
 		t->addr = cv->backend_addr;
 		t->port = cv->backend_port;
 		t->ct_flags = cv->flags;
 		t->svc_id = cv->svc_id;
 		return NP_FORWARD;
 	}
+	if (replies && bpf_map_lookup_elem(&keel_tc_revnat, ct))
+		return NP_REPLY;
 
 	__builtin_memcpy(sk.addr, &ct->daddr, 4);
 	sk.port = ct->dport;
@@ -154,7 +168,7 @@ static __always_inline int np_choose(const struct keel_ct_key *ct, struct np_tar
 	nv.backend_port = t->port;
 	nv.flags = t->ct_flags;
 	nv.svc_id = svc->svc_id;
-	nv.last_seen_ns = bpf_ktime_get_ns();
+	nv.last_seen_ns = bpf_ktime_get_coarse_ns();
 	bpf_map_update_elem(&keel_ct, ct, &nv, BPF_ANY);
 	rk.saddr = t->addr;
 	rk.daddr = ct->saddr;
