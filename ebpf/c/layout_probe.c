@@ -26,16 +26,16 @@ int main(void)
 	S(keel_ct_val); F(keel_ct_val, backend_addr); F(keel_ct_val, backend_port); F(keel_ct_val, flags);
 	F(keel_ct_val, svc_id); F(keel_ct_val, pad2); F(keel_ct_val, last_seen_ns);
 	S(keel_nat_val); F(keel_nat_val, addr); F(keel_nat_val, port); F(keel_nat_val, pad);
-	S(keel_fib_cache); F(keel_fib_cache, saddr); F(keel_fib_cache, daddr); F(keel_fib_cache, sport);
-	F(keel_fib_cache, dport); F(keel_fib_cache, proto); F(keel_fib_cache, tos); F(keel_fib_cache, len_ok);
-	F(keel_fib_cache, iif); F(keel_fib_cache, oif); F(keel_fib_cache, smac); F(keel_fib_cache, dmac);
-	F(keel_fib_cache, at_ns);
+	S(keel_xdp_fwd); F(keel_xdp_fwd, flow); F(keel_xdp_fwd, backend_addr); F(keel_xdp_fwd, backend_port);
+	F(keel_xdp_fwd, tos); F(keel_xdp_fwd, pad); F(keel_xdp_fwd, iif); F(keel_xdp_fwd, oif);
+	F(keel_xdp_fwd, smac); F(keel_xdp_fwd, dmac); F(keel_xdp_fwd, len_ok); F(keel_xdp_fwd, pad2);
+	F(keel_xdp_fwd, at_ns);
 	S(keel_maglev_key); F(keel_maglev_key, svc_id); F(keel_maglev_key, idx);
 	printf("];\n");
 	printf("pub const KEEL_MAGLEV_M: u32 = %u;\n", KEEL_MAGLEV_M);
 	printf("pub const KEEL_MAX_SERVICES: u32 = %u;\n", KEEL_MAX_SERVICES);
 	printf("pub const KEEL_MAX_BACKENDS: u32 = %u;\n", KEEL_MAX_BACKENDS);
-	printf("pub const KEEL_FIB_CACHE_SLOTS: u32 = %u;\n", KEEL_FIB_CACHE_SLOTS);
-	printf("pub const KEEL_FIB_CACHE_NS: u64 = %llu;\n", KEEL_FIB_CACHE_NS);
+	printf("pub const KEEL_XDP_FWD_SLOTS: u32 = %u;\n", KEEL_XDP_FWD_SLOTS);
+	printf("pub const KEEL_XDP_FWD_NS: u64 = %llu;\n", KEEL_XDP_FWD_NS);
 	return 0;
 }

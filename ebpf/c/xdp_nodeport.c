@@ -16,6 +16,8 @@
  *   ingress program sees a packet to a backend and leaves it alone.
  * Replies come back through the stack either way: tc's reverse NAT (on the backend-facing
  * ingress or the external egress) turns their source back into the service address.
+ * A flow's later packets on the same CPU take the decision and the FIB answer from a per-CPU
+ * forwarding cache (keel_xdp_fwd, below) for up to KEEL_XDP_FWD_NS: no hash or FIB lookup.
  *
  * Left to tc (XDP_PASS, untouched, nothing created or counted):
  * - flows that need masquerade (externalTrafficPolicy=Cluster, or a conntrack entry flagged
@@ -61,10 +63,10 @@
 /* Not pinned: a cache, which a new program may start empty. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, KEEL_FIB_CACHE_SLOTS);
+	__uint(max_entries, KEEL_XDP_FWD_SLOTS);
 	__type(key, __u32);
-	__type(value, struct keel_fib_cache);
-} keel_xdp_fib SEC(".maps");
+	__type(value, struct keel_xdp_fwd);
+} keel_xdp_fwd SEC(".maps");
 
 /* Folds a 32-bit ones' complement sum of 16-bit words into 16 bits. */
 static __always_inline __u16 csum_fold32(__u32 s)
@@ -97,32 +99,33 @@ static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
 }
 
 /*
- * The FIB cache (keel_xdp_fib): bpf_fib_lookup's answer for a flow, reused for KEEL_FIB_CACHE_NS
- * by the flow's later packets on this CPU. The tag is everything the lookup takes from the
- * packet (addresses, ports, protocol, TOS, ingress interface); a longer packet than any the
- * lookup passed looks up again (its MTU check). Routes or neighbours that change are seen within
- * KEEL_FIB_CACHE_NS; a failed lookup empties the slot, so a flow the stack forwards keeps
- * looking up. Per CPU, so no lock and no shared cache line; a slot two flows hash to is the last
- * one's.
+ * The forwarding cache (keel_xdp_fwd): a flow's decision (its backend, from conntrack) and
+ * bpf_fib_lookup's answer for it, reused for KEEL_XDP_FWD_NS by the flow's later packets on
+ * this CPU without a hash lookup (a per-CPU array slot is a pointer computation). The tag is
+ * the flow as received plus what else the lookup takes from the packet (TOS, ingress
+ * interface); a longer packet than the lookup passed is decided again (the MTU check). So a
+ * changed route or neighbour, a conntrack entry gone, is seen within KEEL_XDP_FWD_NS, and the
+ * flow's conntrack entry is refreshed (LRU, last_seen) as often. Anything that does not end in
+ * a redirect leaves the slot empty. Per CPU: no lock, no shared cache line; a slot two flows hash to
+ * is the last one's.
  */
-static __always_inline int fib_cache_hit(const struct keel_fib_cache *fc, const struct iphdr *ip,
-					 const __be16 *ports, __u32 iif)
+static __always_inline int fwd_hit(const struct keel_xdp_fwd *fc, const struct keel_ct_key *ct,
+				   const struct iphdr *ip, __u32 iif)
 {
-	return fc->at_ns && bpf_ktime_get_coarse_ns() - fc->at_ns < KEEL_FIB_CACHE_NS &&
-	       fc->daddr == ip->daddr && fc->saddr == ip->saddr && fc->sport == ports[0] &&
-	       fc->dport == ports[1] && fc->proto == ip->protocol && fc->tos == ip->tos &&
-	       fc->iif == iif && bpf_ntohs(ip->tot_len) <= fc->len_ok;
+	return fc->at_ns && bpf_ktime_get_coarse_ns() - fc->at_ns < KEEL_XDP_FWD_NS &&
+	       fc->flow.saddr == ct->saddr && fc->flow.daddr == ct->daddr &&
+	       fc->flow.sport == ct->sport && fc->flow.dport == ct->dport &&
+	       fc->flow.proto == ct->proto && fc->tos == ip->tos && fc->iif == iif &&
+	       bpf_ntohs(ip->tot_len) <= fc->len_ok;
 }
 
-static __always_inline void fib_cache_fill(struct keel_fib_cache *fc, const struct iphdr *ip,
-					   const __be16 *ports, __u32 iif,
-					   const struct bpf_fib_lookup *fib)
+static __always_inline void fwd_fill(struct keel_xdp_fwd *fc, const struct keel_ct_key *ct,
+				     const struct np_target *t, const struct iphdr *ip, __u32 iif,
+				     const struct bpf_fib_lookup *fib)
 {
-	fc->saddr = ip->saddr;
-	fc->daddr = ip->daddr;
-	fc->sport = ports[0];
-	fc->dport = ports[1];
-	fc->proto = ip->protocol;
+	fc->flow = *ct;
+	fc->backend_addr = t->addr;
+	fc->backend_port = t->port;
 	fc->tos = ip->tos;
 	fc->len_ok = bpf_ntohs(ip->tot_len);
 	fc->iif = iif;
@@ -141,19 +144,15 @@ int keel_xdp_nodeport(struct xdp_md *ctx)
 	struct keel_ct_key ct = {};
 	struct np_target t = {};
 	struct ethhdr *eth = data;
+	struct keel_xdp_fwd *fc;
 	struct iphdr *ip;
-	struct keel_fib_cache *fc;
 	__be16 *ports;
 	__u16 *check, old_word;
-	__u32 slot;
-	int rc;
+	__u32 slot, iif = ctx->ingress_ifindex;
+	int hit, rc;
 
 	if (np_parse_flow(data, data_end, &ct))
 		return XDP_PASS;
-	/* Replies (NP_REPLY) are tc's reverse NAT. */
-	if (np_choose(&ct, &t, 1, 1) != NP_FORWARD)
-		return XDP_PASS;
-
 	/* The verifier wants the bounds proven again on these registers. */
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
@@ -173,6 +172,21 @@ int keel_xdp_nodeport(struct xdp_md *ctx)
 		check = &uh->check;
 	}
 
+	slot = flow_hash(&ct) & (KEEL_XDP_FWD_SLOTS - 1);
+	fc = bpf_map_lookup_elem(&keel_xdp_fwd, &slot);
+	if (!fc)
+		return XDP_PASS; /* never: the slot is in range */
+	hit = fwd_hit(fc, &ct, ip, iif);
+	if (hit) {
+		t.addr = fc->backend_addr;
+		t.port = fc->backend_port;
+	} else {
+		fc->at_ns = 0;
+		/* Replies (NP_REPLY) are tc's reverse NAT. */
+		if (np_choose(&ct, &t, 1, 1) != NP_FORWARD)
+			return XDP_PASS;
+	}
+
 	/* DNAT: the pseudo-header's destination and the destination port. */
 	if (ct.proto == IPPROTO_TCP || *check) {
 		__u16 c = csum_replace4(*check, ct.daddr, t.addr);
@@ -188,11 +202,7 @@ int keel_xdp_nodeport(struct xdp_md *ctx)
 
 	if (ip->ttl <= 1)
 		return XDP_PASS; /* the stack answers an expiring TTL */
-	slot = flow_hash(&ct) & (KEEL_FIB_CACHE_SLOTS - 1);
-	fc = bpf_map_lookup_elem(&keel_xdp_fib, &slot);
-	if (!fc)
-		return XDP_PASS;
-	if (!fib_cache_hit(fc, ip, ports, ctx->ingress_ifindex)) {
+	if (!hit) {
 		fib.family = KEEL_AF_INET;
 		fib.tos = ip->tos;
 		fib.l4_protocol = ip->protocol;
@@ -201,13 +211,11 @@ int keel_xdp_nodeport(struct xdp_md *ctx)
 		fib.tot_len = bpf_ntohs(ip->tot_len);
 		fib.ipv4_src = ip->saddr;
 		fib.ipv4_dst = ip->daddr;
-		fib.ifindex = ctx->ingress_ifindex;
+		fib.ifindex = iif;
 		rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-			fc->at_ns = 0;
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 			return XDP_PASS; /* the stack forwards it (and resolves the neighbour) */
-		}
-		fib_cache_fill(fc, ip, ports, ctx->ingress_ifindex, &fib);
+		fwd_fill(fc, &ct, &t, ip, iif, &fib);
 	}
 
 	/* Forwarded as the stack would: TTL down, the next hop's MACs. */

@@ -136,22 +136,23 @@ pub struct NatVal {
     pub pad: u16,
 }
 
-/// `struct keel_fib_cache`: the XDP program's per-CPU FIB cache (keel_xdp_fib, not pinned).
-/// Userspace only reads it in tests.
+/// `struct keel_xdp_fwd`: the XDP program's per-CPU forwarding cache (keel_xdp_fwd, not
+/// pinned). Userspace only reads it in tests.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FibCache {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
+pub struct XdpFwd {
+    pub flow: CtKey,
+    pub backend_addr: u32,
+    pub backend_port: u16,
     pub tos: u8,
-    pub len_ok: u16,
+    pub pad: u8,
     pub iif: u32,
     pub oif: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// Host byte order.
+    pub len_ok: u16,
+    pub pad2: u16,
     pub at_ns: u64,
 }
 
@@ -190,7 +191,7 @@ unsafe impl aya::Pod for NatVal {}
 // SAFETY: as above.
 unsafe impl aya::Pod for MaglevKey {}
 // SAFETY: as above.
-unsafe impl aya::Pod for FibCache {}
+unsafe impl aya::Pod for XdpFwd {}
 
 /// The map encoding of an address: IPv4 in the first 4 bytes, the rest zero.
 pub fn encode_ip(ip: IpAddr) -> ([u8; 16], u8) {
@@ -345,19 +346,19 @@ mod tests {
             f!("keel_nat_val", NatVal, addr),
             f!("keel_nat_val", NatVal, port),
             f!("keel_nat_val", NatVal, pad),
-            s!("keel_fib_cache", FibCache),
-            f!("keel_fib_cache", FibCache, saddr),
-            f!("keel_fib_cache", FibCache, daddr),
-            f!("keel_fib_cache", FibCache, sport),
-            f!("keel_fib_cache", FibCache, dport),
-            f!("keel_fib_cache", FibCache, proto),
-            f!("keel_fib_cache", FibCache, tos),
-            f!("keel_fib_cache", FibCache, len_ok),
-            f!("keel_fib_cache", FibCache, iif),
-            f!("keel_fib_cache", FibCache, oif),
-            f!("keel_fib_cache", FibCache, smac),
-            f!("keel_fib_cache", FibCache, dmac),
-            f!("keel_fib_cache", FibCache, at_ns),
+            s!("keel_xdp_fwd", XdpFwd),
+            f!("keel_xdp_fwd", XdpFwd, flow),
+            f!("keel_xdp_fwd", XdpFwd, backend_addr),
+            f!("keel_xdp_fwd", XdpFwd, backend_port),
+            f!("keel_xdp_fwd", XdpFwd, tos),
+            f!("keel_xdp_fwd", XdpFwd, pad),
+            f!("keel_xdp_fwd", XdpFwd, iif),
+            f!("keel_xdp_fwd", XdpFwd, oif),
+            f!("keel_xdp_fwd", XdpFwd, smac),
+            f!("keel_xdp_fwd", XdpFwd, dmac),
+            f!("keel_xdp_fwd", XdpFwd, len_ok),
+            f!("keel_xdp_fwd", XdpFwd, pad2),
+            f!("keel_xdp_fwd", XdpFwd, at_ns),
             s!("keel_maglev_key", MaglevKey),
             f!("keel_maglev_key", MaglevKey, svc_id),
             f!("keel_maglev_key", MaglevKey, idx),

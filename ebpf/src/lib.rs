@@ -68,8 +68,8 @@ pub mod map_names {
     pub const ALL: &[&str] = &[SERVICES, SLOTS, BACKENDS, SOCK_REVNAT, SOCK_AFFINITY, STATS];
     /// The maps only the NodePort programs (tc and XDP) add.
     pub const TC: &[&str] = &[CT, TC_REVNAT, MAGLEV];
-    /// Not pinned: the XDP program's per-CPU FIB cache ([`crate::FibCache`]).
-    pub const XDP_FIB_CACHE: &str = "keel_xdp_fib";
+    /// Not pinned: the XDP program's per-CPU forwarding cache ([`crate::XdpFwd`]).
+    pub const XDP_FWD: &str = "keel_xdp_fwd";
 }
 
 /// Bench only (`bench proxy` (4), the NodePort forwarding rate): a traffic generator and a sink,

@@ -20,9 +20,9 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use keel_ebpf::{
-    CT_F_SNAT, CtKey, CtVal, FibCache, IPPROTO_TCP, IPPROTO_UDP, KEEL_FIB_CACHE_NS,
-    KEEL_FIB_CACHE_SLOTS, L4Addr, NatVal, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SvcKey, SvcStats,
-    TC_OBJECT, TC_PROGRAM, XDP_OBJECT, XDP_PROGRAM, map_names,
+    CT_F_SNAT, CtKey, CtVal, IPPROTO_TCP, IPPROTO_UDP, KEEL_XDP_FWD_NS, KEEL_XDP_FWD_SLOTS, L4Addr,
+    NatVal, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SvcKey, SvcStats, TC_OBJECT, TC_PROGRAM, XDP_OBJECT,
+    XDP_PROGRAM, XdpFwd, map_names,
 };
 use keel_testkit::{NetnsGuard, StateRoot, VethPair};
 
@@ -273,7 +273,7 @@ fn xdp_forwards_by_the_fib_when_route_and_neighbour_exist() -> Result<()> {
     Ok(())
 }
 
-/// CLOCK_MONOTONIC_COARSE in ns: the FIB cache's clock (bpf_ktime_get_coarse_ns).
+/// CLOCK_MONOTONIC_COARSE in ns: the forwarding cache's clock (bpf_ktime_get_coarse_ns).
 fn coarse_now_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
@@ -287,15 +287,15 @@ fn coarse_now_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-/// The XDP program's FIB cache slots holding a lookup for `daddr` (network byte order):
+/// The XDP program's forwarding cache slots holding a flow to `backend` (network byte order):
 /// (slot, CPU, entry).
-fn fib_cache_entries(h: &Harness, daddr: u32) -> Vec<(u32, usize, FibCache)> {
-    let arr: PerCpuArray<&MapData, FibCache> =
-        PerCpuArray::try_from(h.xdp.map(map_names::XDP_FIB_CACHE).unwrap()).unwrap();
+fn fwd_cache_entries(h: &Harness, backend: u32) -> Vec<(u32, usize, XdpFwd)> {
+    let arr: PerCpuArray<&MapData, XdpFwd> =
+        PerCpuArray::try_from(h.xdp.map(map_names::XDP_FWD).unwrap()).unwrap();
     let mut found = Vec::new();
-    for slot in 0..KEEL_FIB_CACHE_SLOTS {
+    for slot in 0..KEEL_XDP_FWD_SLOTS {
         for (cpu, e) in arr.get(&slot, 0).unwrap().iter().enumerate() {
-            if e.at_ns != 0 && e.daddr == daddr {
+            if e.at_ns != 0 && e.backend_addr == backend {
                 found.push((slot, cpu, *e));
             }
         }
@@ -304,9 +304,9 @@ fn fib_cache_entries(h: &Harness, daddr: u32) -> Vec<(u32, usize, FibCache)> {
 }
 
 /// Writes `entry` into `slot` on every CPU (the test run may land on any).
-fn plant_fib_cache(h: &mut Harness, slot: u32, entry: FibCache) {
-    let mut arr: PerCpuArray<&mut MapData, FibCache> =
-        PerCpuArray::try_from(h.xdp.map_mut(map_names::XDP_FIB_CACHE).unwrap()).unwrap();
+fn plant_fwd_cache(h: &mut Harness, slot: u32, entry: XdpFwd) {
+    let mut arr: PerCpuArray<&mut MapData, XdpFwd> =
+        PerCpuArray::try_from(h.xdp.map_mut(map_names::XDP_FWD).unwrap()).unwrap();
     let n = aya::util::nr_cpus().unwrap();
     arr.set(
         slot,
@@ -317,8 +317,8 @@ fn plant_fib_cache(h: &mut Harness, slot: u32, entry: FibCache) {
 }
 
 #[test]
-fn xdp_fib_cache_serves_a_flow_within_its_lifetime_and_mtu_only() -> Result<()> {
-    privileged!("xdp_fib_cache_serves_a_flow_within_its_lifetime_and_mtu_only");
+fn xdp_forwarding_cache_serves_a_flow_within_its_lifetime_and_mtu_only() -> Result<()> {
+    privileged!("xdp_forwarding_cache_serves_a_flow_within_its_lifetime_and_mtu_only");
     let mut h = Harness::new()?;
     h.service(3, 80, IPPROTO_TCP, &[be(1)], LOCAL);
     let peer = NetnsGuard::new()?;
@@ -350,37 +350,43 @@ fn xdp_fib_cache_serves_a_flow_within_its_lifetime_and_mtu_only() -> Result<()> 
     // The first packet's lookup fills exactly one slot, tagged with the DNATed flow.
     let (verdict, out) = h.xdp(&syn)?;
     assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa]));
-    let cached = fib_cache_entries(&h, backend);
+    let cached = fwd_cache_entries(&h, backend);
     assert_eq!(cached.len(), 1, "one slot on one CPU: {cached:?}");
     let (slot, _, entry) = cached[0];
     assert_eq!(
         (
-            entry.sport,
-            entry.dport,
-            entry.proto,
+            entry.flow.sport,
+            entry.flow.dport,
+            entry.flow.proto,
+            entry.backend_port,
             entry.dmac,
             entry.smac
         ),
         (
             40000u16.to_be(),
-            BE1.1.to_be(),
+            80u16.to_be(),
             IPPROTO_TCP,
+            BE1.1.to_be(),
             [2, 0, 0, 0, 0, 0xaa],
             [2, 0, 0, 0, 0, 0xbb]
         )
     );
     assert_eq!(usize::from(entry.len_ok), syn.len() - 14);
 
-    // The flow's next packet takes the cached answer, not a lookup: a planted next hop is
-    // where it goes.
-    let planted = FibCache {
+    // The flow's next packet takes the cached decision, no conntrack or FIB lookup: a planted
+    // backend port and next hop are what it gets (checksums still right for them).
+    let planted = XdpFwd {
+        backend_port: 9090u16.to_be(),
         dmac: [2, 0, 0, 0, 0, 0xee],
         at_ns: coarse_now_ns(),
         ..entry
     };
-    plant_fib_cache(&mut h, slot, planted);
+    plant_fwd_cache(&mut h, slot, planted);
     let (verdict, out) = h.xdp(&syn)?;
-    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xee]));
+    assert_eq!(
+        (verdict, dmac(&out), addrs(&out).1),
+        (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xee], (BE1.0, 9090))
+    );
     assert_checksums(&out);
 
     // A longer packet than the lookup passed is looked up again: over x0's MTU it goes to the
@@ -399,34 +405,40 @@ fn xdp_fib_cache_serves_a_flow_within_its_lifetime_and_mtu_only() -> Result<()> 
     );
     let (verdict, out) = h.xdp(&big)?;
     assert_eq!((verdict, addrs(&out).1), (XDP_PASS, BE1));
-    let left = fib_cache_entries(&h, backend);
+    let left = fwd_cache_entries(&h, backend);
     assert_eq!(left.len(), aya::util::nr_cpus().unwrap() - 1, "{left:?}");
 
-    // An entry older than its lifetime is looked up again: the real neighbour, not the planted.
-    plant_fib_cache(
+    // An entry older than its lifetime is decided again: conntrack's backend and the real
+    // neighbour, not the planted ones.
+    plant_fwd_cache(
         &mut h,
         slot,
-        FibCache {
-            at_ns: coarse_now_ns() - KEEL_FIB_CACHE_NS - 1_000_000,
+        XdpFwd {
+            at_ns: coarse_now_ns() - KEEL_XDP_FWD_NS - 1_000_000,
             ..planted
         },
     );
     let (verdict, out) = h.xdp(&syn)?;
-    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa]));
-
-    // Another flow with the same slot's tag does not match: a different client port looks up
-    // (and finds the real neighbour) even with a fresh planted entry for the first flow.
-    plant_fib_cache(
-        &mut h,
-        slot,
-        FibCache {
-            at_ns: coarse_now_ns(),
-            ..planted
-        },
+    assert_eq!(
+        (verdict, dmac(&out), addrs(&out).1),
+        (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa], BE1)
     );
+
+    // Only the tag's flow matches: with the first flow's fresh planted entry in every slot,
+    // another client port is decided and looked up (conntrack's backend, the real neighbour).
+    let fresh = XdpFwd {
+        at_ns: coarse_now_ns(),
+        ..planted
+    };
+    for slot in 0..KEEL_XDP_FWD_SLOTS {
+        plant_fwd_cache(&mut h, slot, fresh);
+    }
     let other = packet(IPPROTO_TCP, CLIENT, 40001, VIP, 80);
     let (verdict, out) = h.xdp(&other)?;
-    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa]));
+    assert_eq!(
+        (verdict, dmac(&out), addrs(&out).1),
+        (XDP_REDIRECT, [2, 0, 0, 0, 0, 0xaa], BE1)
+    );
     Ok(())
 }
 

@@ -125,26 +125,26 @@ struct keel_ct_val {
 	__u64 last_seen_ns;
 };
 
-/* keel_xdp_fib: how many entries per CPU (a power of two), and how long one is trusted. */
-#define KEEL_FIB_CACHE_SLOTS 2048
-#define KEEL_FIB_CACHE_NS (100ULL * 1000 * 1000)
+/* keel_xdp_fwd: how many entries per CPU (a power of two), and how long one is trusted. */
+#define KEEL_XDP_FWD_SLOTS 2048
+#define KEEL_XDP_FWD_NS (100ULL * 1000 * 1000)
 
-/* The XDP NodePort program's per-CPU cache of bpf_fib_lookup results, one slot per flow hash:
- * the flow after DNAT and what the lookup took from the packet (the tag), and what it returned.
- * Only the XDP program reads and writes it. */
-struct keel_fib_cache {
-	__be32 saddr;
-	__be32 daddr;      /* the backend */
-	__be16 sport;
-	__be16 dport;      /* the backend's port */
-	__u8 proto;
+/* The XDP NodePort program's per-CPU forwarding cache, one slot per flow hash: a flow as
+ * received (before DNAT) with what else the decision took from the packet (the tag), its
+ * backend (from conntrack) and bpf_fib_lookup's answer for it. Only the XDP program writes it. */
+struct keel_xdp_fwd {
+	struct keel_ct_key flow;
+	__be32 backend_addr;
+	__be16 backend_port;
 	__u8 tos;
-	__u16 len_ok;      /* host order: the IPv4 total length the lookup passed (MTU check) */
+	__u8 pad;
 	__u32 iif;         /* ingress ifindex */
 	__u32 oif;         /* egress ifindex */
 	__u8 smac[6];
 	__u8 dmac[6];
-	__u64 at_ns;       /* CLOCK_MONOTONIC_COARSE of the lookup; 0: empty */
+	__u16 len_ok;      /* host order: the IPv4 total length the lookup passed (MTU check) */
+	__u16 pad2;
+	__u64 at_ns;       /* CLOCK_MONOTONIC_COARSE of the decision; 0: empty */
 };
 
 /* Reverse NAT of a reply: the service address the client used. */
