@@ -88,6 +88,9 @@ pub mod bench {
     /// and [`UDP_LEN`] bytes of UDP (`SINK_DELIVERED`) and any other IPv4 packet (`SINK_OTHER`)
     /// in [`SINK_COUNT_MAP`], and drops them; passes the rest (ARP, IPv6).
     pub const SINK_PROGRAM: &str = "keel_bench_sink";
+    /// The same count as [`SINK_PROGRAM`] as XDP (native, on a veth): where the frame arrives,
+    /// before the receiving stack (XDP_DROP; XDP_PASS for the rest).
+    pub const SINK_XDP_PROGRAM: &str = "keel_bench_sink_xdp";
 
     /// Globals (const volatile) set at load time: the generator's target ifindex (u32), number
     /// of source ports (u32, a power of two), frame header template ([u8; GEN_HDR_LEN]).

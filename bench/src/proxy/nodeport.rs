@@ -72,7 +72,7 @@ use keel_testkit::{CgroupGuard, NetnsGuard, StateRoot, VethPair};
 use keel_testkit::netns::{ETHTOOL_SGRO, ETHTOOL_STXCSUM, in_netns, set_offload};
 
 use super::iptables_restore;
-use trafficgen::{Generator, Sink, SinkCount, link_info, udp_frame};
+use trafficgen::{Generator, Sink, SinkAt, SinkCount, link_info, udp_frame};
 
 mod trafficgen;
 
@@ -502,7 +502,8 @@ pub(super) fn run(root: &StateRoot, pins: &Path, ipt: &str) -> anyhow::Result<()
             Side::new("no NAT", &plain_net, NP_BACKEND, NP_BACKEND_PORT),
         ];
         measure(&mut sides, ipt)?;
-        forwarding(&sides, ipt)
+        forwarding(&sides, ipt, SinkAt::Xdp)?;
+        forwarding(&sides, ipt, SinkAt::Tc)
     })();
     // The loader's uninstall, not the proxy's: that one also removes the masquerade rule from
     // this process's own namespace, and this touches none but the ones it made.
@@ -646,7 +647,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(side: &Side) -> anyhow::Result<Rig> {
+    fn new(side: &Side, at: SinkAt) -> anyhow::Result<Rig> {
         let net = side.net;
         // A NAPI context on n0 on every node alike: the generator's frames are XDP frames
         // transmitted into e0, which veth hands to the peer's NAPI and drops when it has none
@@ -665,8 +666,13 @@ impl Rig {
         );
         let generator = Generator::load(&net.ext.path(), e0, frame, NP_FLOWS)
             .with_context(|| format!("{}: generator", side.name))?;
-        let sink = Sink::attach(&net.backend.path(), "eth0", (NP_BACKEND, NP_BACKEND_PORT))
-            .with_context(|| format!("{}: sink", side.name))?;
+        let sink = Sink::attach(
+            &net.backend.path(),
+            "eth0",
+            (NP_BACKEND, NP_BACKEND_PORT),
+            at,
+        )
+        .with_context(|| format!("{}: sink", side.name))?;
         Ok(Rig { generator, sink })
     }
 
@@ -687,10 +693,10 @@ impl Rig {
 
 /// The forwarding rate (module doc): the same kernel-side generator and sink on every node, so
 /// the node's path is what differs.
-fn forwarding(sides: &[Side; SIDES], ipt: &str) -> anyhow::Result<()> {
+fn forwarding(sides: &[Side; SIDES], ipt: &str, at: SinkAt) -> anyhow::Result<()> {
     let rigs = sides
         .iter()
-        .map(Rig::new)
+        .map(|s| Rig::new(s, at))
         .collect::<anyhow::Result<Vec<Rig>>>()?;
     let mut stacks = [NodeStack::default(); SIDES];
     for r in &rigs {
@@ -721,8 +727,18 @@ fn forwarding(sides: &[Side; SIDES], ipt: &str) -> anyhow::Result<()> {
     }
     let pps = |n: u64, f: &Forwarded| n as f64 / f.secs;
     let rx = |f: &Forwarded| pps(f.delivered, f);
+    let (title, sink) = match at {
+        SinkAt::Xdp => (
+            "at the backend's interface",
+            "an XDP sink on the backend's veth, as each frame arrives (before the backend's stack)",
+        ),
+        SinkAt::Tc => (
+            "into the backend's stack",
+            "a tc sink on the backend's veth, after its receive path (skb, GRO, checksum)",
+        ),
+    };
     println!(
-        "\nbench proxy: NodePort forwarding rate: {NP_PAYLOAD}-byte UDP datagrams from a kernel generator (BPF_PROG_TEST_RUN, live XDP frames transmitted out of the client's veth, source port rotated over {NP_FLOWS} ports), counted and dropped by a tc sink on the backend's veth (delivered: to {NP_BACKEND}:{NP_BACKEND_PORT}, checksums valid; other: any other IPv4); {NP_ROUNDS} x {FWD_WINDOW:?} per side, alternating, after a {FWD_WARMUP:?} warm-up ({ipt} as anchor)"
+        "\nbench proxy: NodePort forwarding rate {title}: {NP_PAYLOAD}-byte UDP datagrams from a kernel generator (BPF_PROG_TEST_RUN, live XDP frames transmitted out of the client's veth, source port rotated over {NP_FLOWS} ports), counted and dropped by {sink} (delivered: to {NP_BACKEND}:{NP_BACKEND_PORT}, checksums valid; other: any other IPv4); {NP_ROUNDS} x {FWD_WINDOW:?} per side, alternating, after a {FWD_WARMUP:?} warm-up ({ipt} as anchor)"
     );
     for ((s, t), st) in sides.iter().zip(&total).zip(&stacks) {
         println!(

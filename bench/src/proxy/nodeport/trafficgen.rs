@@ -1,10 +1,11 @@
 //! The forwarding-rate instruments of bench proxy (4): a kernel-side traffic generator (keel-ebpf's
 //! `keel_bench_gen`, run by BPF_PROG_TEST_RUN in live-frames mode, which transmits the frames it
-//! redirects) and a counting sink (`keel_bench_sink`, tc ingress on the backend's veth), plus
-//! the frame they agree on.
+//! redirects) and a counting sink on the backend's veth (`keel_bench_sink` on tc ingress, after
+//! the backend's receive path, or `keel_bench_sink_xdp` in native XDP, as the frame arrives),
+//! plus the frame they agree on.
 //!
-//! Owns only what it creates: the generator is never attached, the sink's tcx link is dropped
-//! with the [`Sink`] (and goes with the backend's veth if the namespace goes first). Written by
+//! Owns only what it creates: the generator is never attached, the sink's link (tcx or XDP) is
+//! dropped with the [`Sink`] (and goes with the backend's veth if the namespace goes first). Written by
 //! hand because no crate drives BPF_F_TEST_XDP_LIVE_FRAMES (aya's loader has no test-run call);
 //! the bpf_attr layout is the one proxy/tests/support/prog_test.rs uses, plus the live-frames
 //! fields.
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use aya::maps::PerCpuArray;
-use aya::programs::{SchedClassifier, TcAttachType, Xdp};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use keel_ebpf::bench;
 use keel_testkit::bpf_test_run::{BPF_F_TEST_XDP_LIVE_FRAMES, TestRunAttr, csum, test_run};
@@ -195,7 +196,16 @@ fn live_run(prog_fd: i32, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Re
     Ok(())
 }
 
-/// The sink on `dev`'s tc ingress in a backend's namespace, counting what reached `dst`.
+/// Where a sink counts (and drops) the frames reaching the backend's veth.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum SinkAt {
+    /// tc ingress: after the backend's receive path (an skb built, GRO, checksum).
+    Tc,
+    /// Native XDP: as the frame arrives, before anything is built for it.
+    Xdp,
+}
+
+/// The sink on `dev` in a backend's namespace, counting what reached `dst`.
 pub(super) struct Sink {
     ebpf: Ebpf,
 }
@@ -214,6 +224,7 @@ impl Sink {
         ns: &Path,
         dev: &str,
         (addr, port): (Ipv4Addr, u16),
+        at: SinkAt,
     ) -> anyhow::Result<Self> {
         let dev = dev.to_owned();
         let ebpf = in_netns(ns, move || -> anyhow::Result<Ebpf> {
@@ -225,13 +236,27 @@ impl Sink {
                 .override_global(bench::SINK_PORT, &be_port, true)
                 .load(bench::OBJECT)
                 .context("load the bench sink")?;
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(bench::SINK_PROGRAM)
-                .context("no sink program")?
-                .try_into()?;
-            prog.load().context("load keel_bench_sink")?;
-            prog.attach(&dev, TcAttachType::Ingress)
-                .with_context(|| format!("attach the bench sink to {dev}'s tc ingress"))?;
+            match at {
+                SinkAt::Tc => {
+                    let prog: &mut SchedClassifier = ebpf
+                        .program_mut(bench::SINK_PROGRAM)
+                        .context("no sink program")?
+                        .try_into()?;
+                    prog.load().context("load keel_bench_sink")?;
+                    prog.attach(&dev, TcAttachType::Ingress)
+                        .with_context(|| format!("attach the bench sink to {dev}'s tc ingress"))?;
+                }
+                SinkAt::Xdp => {
+                    let prog: &mut Xdp = ebpf
+                        .program_mut(bench::SINK_XDP_PROGRAM)
+                        .context("no XDP sink program")?
+                        .try_into()?;
+                    prog.load().context("load keel_bench_sink_xdp")?;
+                    prog.attach(&dev, XdpMode::Driver).with_context(|| {
+                        format!("attach the bench XDP sink to {dev} (native mode)")
+                    })?;
+                }
+            }
             Ok(ebpf)
         })??;
         Ok(Sink { ebpf })
