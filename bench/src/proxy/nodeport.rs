@@ -2,21 +2,28 @@
 //! backend (so drops count against the path): keel's XDP program and keel's tc programs against
 //! kube-proxy's NodePort DNAT (KUBE-NODEPORTS -> KUBE-EXT -> KUBE-SVL -> KUBE-SEP).
 //!
-//! Two measurements on the same nodes, each printed as its own table:
-//! - the forwarding rate, the one the target (keel XDP >= 2x iptables) is judged on: a cheap
-//!   generator and a cheap sink, the same for every node, as a forwarding path is measured
-//!   (pktgen -> device under test -> sink). The kernel has no pktgen here, so the generator is an
-//!   XDP program (keel-ebpf's bench::GEN_PROGRAM) run by BPF_PROG_TEST_RUN with
-//!   BPF_F_TEST_XDP_LIVE_FRAMES, as xdp-tools' xdp-trafficgen does: it writes a 64-byte UDP
-//!   datagram with complete checksums (source port rotated over NP_FLOWS ports, many flows as
-//!   NodePort traffic is) and redirects it out of the client's e0, so n0 receives it as a frame
-//!   off the wire. The sink is a tc ingress program on the backend's eth0 that counts a packet as
-//!   delivered only when it is addressed to the backend (10.89.0.2:8053) with valid IPv4 and UDP
-//!   checksums, counts any other IPv4 packet as other, and drops both: a drop or a wrong
-//!   translation counts against the path. Everything runs in the generator's softirq on one CPU
-//!   (veth hands frames to the peer's NAPI on the sending CPU), so the rate is one over the
-//!   per-packet cost of generator + node + sink, where generator and sink are a small, equal
-//!   part;
+//! Three measurements on the same nodes, each printed as its own table:
+//! - the forwarding rate at the backend's interface, the one the target (keel XDP >= 2x
+//!   iptables) is judged on: a cheap generator and a cheap sink, the same for every node, as a
+//!   forwarding path is measured (pktgen -> device under test -> sink on the wire). The kernel
+//!   has no pktgen here, so the generator is an XDP program (keel-ebpf's bench::GEN_PROGRAM) run
+//!   by BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, as xdp-tools' xdp-trafficgen does: it
+//!   writes a 64-byte UDP datagram with complete checksums (source port rotated over NP_FLOWS
+//!   ports, many flows as NodePort traffic is) and redirects it out of the client's e0, so n0
+//!   receives it as a frame off the wire. The sink is a native XDP program on the backend's
+//!   eth0 (bench::SINK_XDP_PROGRAM) that counts a packet as delivered only when it is addressed
+//!   to the backend (10.89.0.2:8053) with valid IPv4 and UDP checksums, counts any other IPv4
+//!   packet as other, and drops both: a drop or a wrong translation counts against the path. It
+//!   sees each frame as it arrives, before the backend's stack builds anything for it, so what
+//!   is counted is what the node's path costs, up to handing the frame to the backend's device
+//!   (and freeing it there: iptables' skb, keel's frame; veth hands the node's skbs to XDP
+//!   without a copy, their headroom is an XDP frame's). Everything runs in the generator's
+//!   softirq on one CPU (veth hands frames to the peer's NAPI on the sending CPU), so the rate
+//!   is one over the per-packet cost of generator + node + sink, where generator and sink are a
+//!   small, equal part;
+//! - the same rate into the backend's stack: the sink on tc ingress (bench::SINK_PROGRAM), which
+//!   also charges each path the backend's receive (an skb built from keel's frame, GRO, the
+//!   checksum verified), as a local backend pod pays it;
 //! - the view with a userspace sender and receiver (sendmmsg in the client netns, recvmmsg in
 //!   the backend's): closer to what an application sees, but on a 2-core VM all softirq work
 //!   runs on the sender's CPU and the sender's and receiver's socket work is most of each
