@@ -63,6 +63,19 @@ pub fn csum(data: &[u8], mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// The IPv4 pseudo-header sum (addresses, protocol, L4 length) of an Ethernet + IPv4 frame
+/// without IP options whose L4 segment runs to the end of `frame`: the `sum` to give [`csum`]
+/// over the segment.
+pub fn pseudo(frame: &[u8]) -> u32 {
+    let ip = &frame[14..34];
+    let l4_len = frame.len() - 34;
+    let mut s = 0u32;
+    for c in ip[12..20].chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    s + u32::from(ip[9]) + l4_len as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

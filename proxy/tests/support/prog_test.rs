@@ -15,7 +15,7 @@ use keel_ebpf::{
 };
 use keel_proxy::maglev;
 use keel_testkit::bpf_test_run::test_run as test_run_attr;
-pub use keel_testkit::bpf_test_run::{TestRunAttr, csum};
+pub use keel_testkit::bpf_test_run::{TestRunAttr, csum, pseudo};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -46,16 +46,6 @@ pub fn test_run(prog_fd: i32, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
     }
     out.truncate(attr.data_size_out as usize);
     Ok((attr.retval, out))
-}
-
-pub fn pseudo(pkt: &[u8]) -> u32 {
-    let ip = &pkt[14..34];
-    let l4len = pkt.len() - 34;
-    let mut s = 0u32;
-    for c in ip[12..20].chunks(2) {
-        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    s + u32::from(ip[9]) + l4len as u32
 }
 
 /// The TCP header fields a test sets: flags, sequence and acknowledgment numbers.

@@ -20,7 +20,7 @@ use aya::maps::PerCpuArray;
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use keel_ebpf::bench;
-use keel_testkit::bpf_test_run::{BPF_F_TEST_XDP_LIVE_FRAMES, TestRunAttr, csum, test_run};
+use keel_testkit::bpf_test_run::{BPF_F_TEST_XDP_LIVE_FRAMES, TestRunAttr, csum, pseudo, test_run};
 use keel_testkit::netns::in_netns;
 
 /// Frames per bpf_xdp_do_flush in a live test run: NAPI's budget, a driver's batch.
@@ -69,11 +69,7 @@ pub(super) fn udp_frame(
     p[36..38].copy_from_slice(&dport.to_be_bytes());
     p[38..40].copy_from_slice(&(udp_len as u16).to_be_bytes());
     p[40..42].fill(0);
-    let mut pseudo = u32::from(libc::IPPROTO_UDP as u8) + udp_len as u32;
-    for c in p[26..34].chunks(2) {
-        pseudo += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    let c = match csum(&p[34..], pseudo) {
+    let c = match csum(&p[34..], pseudo(&p)) {
         0 => 0xffff,
         c => c,
     };
@@ -279,12 +275,7 @@ impl Sink {
 /// Whether an Ethernet + IPv4 + UDP frame's checksums are valid (for the test of `udp_frame`).
 #[cfg(test)]
 fn checksums_valid(p: &[u8]) -> bool {
-    let udp_len = p.len() as u32 - 34;
-    let mut pseudo = 17 + udp_len;
-    for c in p[26..34].chunks(2) {
-        pseudo += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    csum(&p[14..34], 0) == 0 && csum(&p[34..], pseudo) == 0
+    csum(&p[14..34], 0) == 0 && csum(&p[34..], pseudo(p)) == 0
 }
 
 #[cfg(test)]
