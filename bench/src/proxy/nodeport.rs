@@ -770,9 +770,13 @@ fn forwarding(sides: &[Side; SIDES], ipt: &str, at: SinkAt) -> anyhow::Result<()
             .iter()
             .map(|r| format!("{:.2}x", rx(&r[n]) / rx(&r[IPT])))
             .collect();
+        let verdict = match at {
+            SinkAt::Xdp if ratio >= 2.0 => "target >= 2x: met",
+            SinkAt::Xdp => "target >= 2x: NOT met",
+            SinkAt::Tc => "the target is judged at the backend's interface, above",
+        };
         println!(
-            "  {label} / iptables DNAT: {ratio:.2}x (target >= 2x: {})   (per round: {})",
-            if ratio >= 2.0 { "met" } else { "NOT met" },
+            "  {label} / iptables DNAT: {ratio:.2}x ({verdict})   (per round: {})",
             per_round.join(", ")
         );
     }
