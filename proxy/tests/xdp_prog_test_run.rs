@@ -87,6 +87,23 @@ impl Harness {
             })
     }
 
+    /// Makes the harness namespace forward and reach 10.2.0.0/24 over x0 (MAC
+    /// 02:00:00:00:00:bb), with a permanent neighbour entry for BE1 (02:00:00:00:00:aa); the
+    /// routes go with the returned guards.
+    fn route_to_backends(&self) -> Result<(VethPair, NetnsGuard)> {
+        let peer = NetnsGuard::new()?;
+        let veth = VethPair::between(&self.ns, "x0", &peer, "x1")?;
+        let ns = &self.ns;
+        ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])?;
+        ns.exec("ip", &["link", "set", "x0", "address", "02:00:00:00:00:bb"])?;
+        ns.exec("ip", &["addr", "add", "10.2.0.254/24", "dev", "x0"])?;
+        ns.exec("ip", &["link", "set", "x0", "up"])?;
+        peer.exec("ip", &["link", "set", "x1", "up"])?;
+        let neigh = "neigh replace 10.2.0.1 lladdr 02:00:00:00:00:aa dev x0 nud permanent";
+        ns.exec("ip", &neigh.split(' ').collect::<Vec<_>>())?;
+        Ok((veth, peer))
+    }
+
     /// Runs the XDP program once on `pkt` inside the harness's namespace.
     fn xdp(&self, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
         let p: &Xdp = self.xdp.program(XDP_PROGRAM).unwrap().try_into()?;
@@ -227,30 +244,7 @@ fn xdp_forwards_by_the_fib_when_route_and_neighbour_exist() -> Result<()> {
     privileged!("xdp_forwards_by_the_fib_when_route_and_neighbour_exist");
     let mut h = Harness::new()?;
     h.service(3, 80, IPPROTO_TCP, &[be(1)], LOCAL);
-    // The harness namespace forwards and reaches 10.2.0.0/24 over x0, with the backend's
-    // neighbour entry in place.
-    let peer = NetnsGuard::new()?;
-    let _veth = VethPair::between(&h.ns, "x0", &peer, "x1")?;
-    let backend_mac = "02:00:00:00:00:aa";
-    h.ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])?;
-    h.ns.exec("ip", &["link", "set", "x0", "address", "02:00:00:00:00:bb"])?;
-    h.ns.exec("ip", &["addr", "add", "10.2.0.254/24", "dev", "x0"])?;
-    h.ns.exec("ip", &["link", "set", "x0", "up"])?;
-    peer.exec("ip", &["link", "set", "x1", "up"])?;
-    h.ns.exec(
-        "ip",
-        &[
-            "neigh",
-            "replace",
-            "10.2.0.1",
-            "lladdr",
-            backend_mac,
-            "dev",
-            "x0",
-            "nud",
-            "permanent",
-        ],
-    )?;
+    let _route = h.route_to_backends()?;
     let syn = packet(IPPROTO_TCP, CLIENT, 40000, VIP, 80);
     let (verdict, out) = h.xdp(&syn)?;
     assert_eq!(verdict, XDP_REDIRECT, "forwarded without the stack");
@@ -321,28 +315,8 @@ fn xdp_forwarding_cache_serves_a_flow_within_its_lifetime_and_mtu_only() -> Resu
     privileged!("xdp_forwarding_cache_serves_a_flow_within_its_lifetime_and_mtu_only");
     let mut h = Harness::new()?;
     h.service(3, 80, IPPROTO_TCP, &[be(1)], LOCAL);
-    let peer = NetnsGuard::new()?;
-    let _veth = VethPair::between(&h.ns, "x0", &peer, "x1")?;
-    h.ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])?;
-    h.ns.exec("ip", &["link", "set", "x0", "address", "02:00:00:00:00:bb"])?;
+    let _route = h.route_to_backends()?;
     h.ns.exec("ip", &["link", "set", "x0", "mtu", "1000"])?;
-    h.ns.exec("ip", &["addr", "add", "10.2.0.254/24", "dev", "x0"])?;
-    h.ns.exec("ip", &["link", "set", "x0", "up"])?;
-    peer.exec("ip", &["link", "set", "x1", "up"])?;
-    h.ns.exec(
-        "ip",
-        &[
-            "neigh",
-            "replace",
-            "10.2.0.1",
-            "lladdr",
-            "02:00:00:00:00:aa",
-            "dev",
-            "x0",
-            "nud",
-            "permanent",
-        ],
-    )?;
     let backend = u32::from_ne_bytes(BE1.0.octets());
     let dmac = |out: &[u8]| -> [u8; 6] { out[0..6].try_into().unwrap() };
     let syn = packet(IPPROTO_TCP, CLIENT, 40000, VIP, 80);
