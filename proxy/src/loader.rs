@@ -83,6 +83,23 @@ pub enum LoaderError {
     Thread(&'static str),
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error(
+        "pinned map {} holds key {}/value {} bytes, {} entries; this keel's programs want key {}/value {}, {} entries: another keel version made it. Run `keel proxy --bpffs-dir {} uninstall` (drops conntrack and affinity state) and start again",
+        path.display(), pinned.0, pinned.1, pinned.2, wanted.0, wanted.1, wanted.2,
+        path.parent().unwrap_or(path).display()
+    )]
+    PinnedMapMismatch {
+        path: PathBuf,
+        /// (key size, value size, max entries) of the pinned map and of the object's definition.
+        pinned: (u32, u32, u32),
+        wanted: (u32, u32, u32),
+    },
+    #[error("read the pinned map {path}")]
+    PinnedMap {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
     #[error("pin link {path}")]
     Pin {
         path: PathBuf,
@@ -159,14 +176,46 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
     Ok(())
 }
 
+/// Loads `object` with its maps pinned by name under `bpffs_dir`, re-using the pins already
+/// there. aya re-uses a pin whatever its layout, so a pin an older keel made with another key or
+/// value size would surface as a verifier or map-type error far from its cause: each one is
+/// compared with the object's definition first, and a mismatch named, with the way out.
+fn load_pinned(object: &[u8], bpffs_dir: &Path) -> Result<aya::Ebpf, LoaderError> {
+    let parsed = aya_obj::Object::parse(object)
+        .map_err(|e| LoaderError::Load(Box::new(aya::EbpfError::ParseError(e))))?;
+    for (name, def) in &parsed.maps {
+        if def.pinning() != aya_obj::maps::PinningType::ByName {
+            continue;
+        }
+        let path = bpffs_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| LoaderError::PinnedMap {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        let pinned = (info.key_size(), info.value_size(), info.max_entries());
+        let wanted = (def.key_size(), def.value_size(), def.max_entries());
+        if pinned != wanted {
+            return Err(LoaderError::PinnedMapMismatch {
+                path,
+                pinned,
+                wanted,
+            });
+        }
+    }
+    EbpfLoader::new()
+        .default_map_pin_directory(bpffs_dir)
+        .load(object)
+        .map_err(|e| LoaderError::Load(Box::new(e)))
+}
+
 /// Loads the socket programs (re-using maps already pinned under `bpffs_dir`), attaches them to
 /// `cgroup` and pins the links, replacing a previous proxy's links without a gap.
 pub fn install(cgroup: &Path, bpffs_dir: &Path) -> Result<(), LoaderError> {
     preflight(cgroup, bpffs_dir)?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(bpffs_dir)
-        .load(SOCK_OBJECT)
-        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let mut ebpf = load_pinned(SOCK_OBJECT, bpffs_dir)?;
     let cg = File::open(cgroup).map_err(io("open cgroup", cgroup))?;
     for (name, hook) in SOCK_PROGRAMS {
         let perr = |source: aya::programs::ProgramError| LoaderError::Program {
@@ -247,10 +296,7 @@ fn in_netns<T: Send>(
 }
 
 fn attach_tc(bpffs_dir: &Path, interfaces: &[String]) -> Result<(), LoaderError> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(bpffs_dir)
-        .load(TC_OBJECT)
-        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let mut ebpf = load_pinned(TC_OBJECT, bpffs_dir)?;
     for (name, attach, pin_prefix) in [
         (TC_PROGRAM, TcAttachType::Ingress, "tc"),
         (TC_EGRESS_PROGRAM, TcAttachType::Egress, "tcegress"),
@@ -378,10 +424,7 @@ fn attach_xdp(
         name,
         source: Box::new(source),
     };
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(bpffs_dir)
-        .load(XDP_OBJECT)
-        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let mut ebpf = load_pinned(XDP_OBJECT, bpffs_dir)?;
     let prog: &mut Xdp = ebpf
         .program_mut(name)
         .ok_or(LoaderError::MissingProgram(name))?

@@ -237,6 +237,37 @@ fn uninstall_removes_every_program_link_and_pin() -> Result<()> {
 }
 
 #[test]
+fn a_pin_of_another_layout_is_refused_naming_it_and_uninstall_clears_it() -> Result<()> {
+    privileged!("a_pin_of_another_layout_is_refused_naming_it_and_uninstall_clears_it");
+    let topo = Topology::new(1)?;
+    topo.write_manifests(&service_yaml(
+        "old",
+        "10.96.7.16",
+        false,
+        &[topo.backends[0].ip],
+    ))?;
+    let cfg = topo.config();
+    Proxy::start(cfg.clone())?.stop();
+    // What an older keel with another layout would have left: keel_stats pinned with other
+    // key/value sizes and entries (the backends map, renamed: bpffs renames pins).
+    let stats = cfg.bpffs_dir.join(keel_ebpf::map_names::STATS);
+    std::fs::remove_file(&stats)?;
+    std::fs::rename(cfg.bpffs_dir.join(keel_ebpf::map_names::BACKENDS), &stats)?;
+    let e = format!(
+        "{:#}",
+        Proxy::start(cfg.clone()).err().context("start succeeded")?
+    );
+    assert!(e.contains(&stats.display().to_string()), "{e}");
+    assert!(e.contains("uninstall"), "{e}");
+    keel_proxy::uninstall(&cfg.bpffs_dir)?;
+    let proxy = Proxy::start(cfg.clone())?;
+    assert_eq!(count(&topo.client("tcp-ids 10.96.7.16:80 2")?)["b0"], 2);
+    proxy.stop();
+    keel_proxy::uninstall(&cfg.bpffs_dir)?;
+    Ok(())
+}
+
+#[test]
 fn refuses_non_cgroup2_dir_and_non_bpffs_dir_naming_them() -> Result<()> {
     privileged!("refuses_non_cgroup2_dir_and_non_bpffs_dir_naming_them");
     let tmp = tempfile::tempdir()?;
